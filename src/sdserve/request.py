@@ -1,0 +1,397 @@
+"""The one request type every protocol converts into, and the one place it is validated.
+
+Protocol adapters (v1, v2 REST/gRPC) turn their payloads into a plain mapping of generation
+parameters and call :meth:`RequestParser.parse`. Every error names the offending field and the
+allowed values or range, and is raised as ``kserve.errors.InvalidInput`` (HTTP 400, gRPC
+INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from kserve.errors import InvalidInput
+
+from .schedulers import resolve_scheduler_name
+
+MAX_SEED = 2**63 - 1
+IMAGE_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+
+
+class RefinerMode(StrEnum):
+    NONE = "none"  # base model only
+    ENSEMBLE = "ensemble"  # expert ensemble: base denoises the first high_noise_frac, refiner the rest
+    REFINE = "refine"  # base finishes, refiner runs img2img over its latents (refiner_strength)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds on what one request may ask for."""
+
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 100
+    max_images: int = 8
+    max_prompt_length: int = 2000
+    min_side: int = 64
+    max_guidance_scale: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_side", "max_pixels", "max_steps", "max_images", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_side < self.min_side:
+            raise ValueError(f"max_side must be at least {self.min_side}, got {self.max_side}")
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What the loaded model supports and its own defaults; filled in by the model store."""
+
+    pipeline_class: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance_scale: float
+    is_sdxl: bool
+    has_refiner: bool
+    size_multiple: int = 8
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated, fully resolved text-to-image request (no field left to a default)."""
+
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    negative_prompt: str | None = None
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    num_images: int = 1
+    scheduler: str | None = None  # canonical name from schedulers.SCHEDULERS; None: the model's own
+    refiner: RefinerMode = RefinerMode.NONE
+    high_noise_frac: float = 0.8
+    refiner_strength: float = 0.3
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    image_format: str = "png"
+    quality: int = 90
+
+    @property
+    def seeds(self) -> list[int]:
+        """One seed per image: image i uses seed + i, so each image can be reproduced alone."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call (prompts and seeds may differ)."""
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.refiner,
+            self.high_noise_frac if self.refiner is RefinerMode.ENSEMBLE else None,
+            self.refiner_strength if self.refiner is RefinerMode.REFINE else None,
+            self.original_size,
+            self.crops_coords_top_left,
+            self.target_size,
+            # SDXL zeroes the negative embedding when no negative prompt is given, so "none" and
+            # "some" cannot share a call without changing the images.
+            self.negative_prompt is None,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved parameters, as returned to clients so an image can be reproduced."""
+        out = asdict(self)
+        out["refiner"] = str(self.refiner)
+        out["format"] = out.pop("image_format")
+        for name in ("original_size", "crops_coords_top_left", "target_size"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
+class GenerationResult:
+    """Images (uint8 arrays, H x W x 3) and the seed of each, plus where the time went."""
+
+    images: list  # list[numpy.ndarray]
+    seeds: list[int]
+    queue_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    batch_images: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# Every accepted field, with a short description (used in error messages and docs).
+FIELDS: dict[str, str] = {
+    "prompt": "text to generate from (required)",
+    "negative_prompt": "what to keep out of the image",
+    "prompt_2": "SDXL: prompt for the second text encoder (default: prompt)",
+    "negative_prompt_2": "SDXL: negative prompt for the second text encoder",
+    "width": "image width in pixels, a multiple of 8",
+    "height": "image height in pixels, a multiple of 8",
+    "num_inference_steps": "denoising steps",
+    "guidance_scale": "classifier-free guidance scale",
+    "seed": "random seed (0 .. 2^63-1; -1 or absent: random); image i uses seed + i",
+    "num_images": "images to generate for this prompt",
+    "scheduler": "sampler name",
+    "refiner": "none | ensemble | refine",
+    "high_noise_frac": "ensemble split: fraction of denoising done by the base model",
+    "refiner_strength": "refine mode: how much of the schedule the refiner re-runs",
+    "original_size": "SDXL micro-conditioning [width, height]",
+    "crops_coords_top_left": "SDXL micro-conditioning [top, left]",
+    "target_size": "SDXL micro-conditioning [width, height]",
+    "format": "png | jpeg | webp",
+    "quality": "jpeg/webp quality 1..100",
+}
+ALIASES: dict[str, str] = {
+    "denoising_limit": "high_noise_frac",
+    "num_images_per_prompt": "num_images",
+    "output_image_format": "format",
+}
+SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
+
+
+class RequestParser:
+    """Turns a mapping of parameters into a :class:`GenerationRequest`, or raises InvalidInput."""
+
+    def __init__(self, limits: Limits, model: ModelCapabilities):
+        self.limits = limits
+        self.model = model
+
+    def check_fields(self, values: Mapping[str, Any], where: str = "") -> None:
+        """Reject unknown field names in a partial set of parameters (e.g. shared defaults)."""
+        _Fields(values, where)
+
+    def parse(self, values: Mapping[str, Any], where: str = "") -> GenerationRequest:
+        """Validate ``values``; ``where`` prefixes field names in errors (e.g. ``instances[2].``)."""
+        if not isinstance(values, Mapping):
+            raise InvalidInput(f"{where or 'request'}: expected an object of generation parameters")
+        v = _Fields(values, where)
+        lim, model = self.limits, self.model
+        if not model.is_sdxl:
+            for name in SDXL_ONLY:
+                if v.has(name):
+                    raise InvalidInput(
+                        f"{where}{name}: only SDXL models accept this field; "
+                        f"the loaded model is a {model.pipeline_class}"
+                    )
+
+        width = v.dimension("width", model.default_width, lim, model.size_multiple)
+        height = v.dimension("height", model.default_height, lim, model.size_multiple)
+        if width * height > lim.max_pixels:
+            raise InvalidInput(
+                f"{where}width x height: {width}x{height} = {width * height} pixels exceeds the "
+                f"server limit of {lim.max_pixels} pixels"
+            )
+        steps = v.integer("num_inference_steps", min(model.default_steps, lim.max_steps), 1, lim.max_steps)
+        refiner = v.refiner_mode(model.has_refiner)
+        high_noise_frac = v.number("high_noise_frac", 0.8, 0.0, 1.0, open_range=True)
+        refiner_strength = v.number("refiner_strength", 0.3, 0.0, 1.0, open_low=True)
+        if refiner is RefinerMode.REFINE and int(steps * refiner_strength) < 1:
+            raise InvalidInput(
+                f"{where}refiner_strength: {refiner_strength} of {steps} steps leaves the refiner no "
+                f"step; raise refiner_strength or num_inference_steps"
+            )
+        if refiner is RefinerMode.ENSEMBLE and steps < 2:
+            raise InvalidInput(
+                f"{where}num_inference_steps: the ensemble refiner mode needs at least 2 steps, got {steps}"
+            )
+        negative_prompt = v.text("negative_prompt", lim.max_prompt_length)
+        negative_prompt_2 = v.text("negative_prompt_2", lim.max_prompt_length)
+        if negative_prompt is None and negative_prompt_2 is not None:
+            # diffusers ignores negative_prompt_2 when negative_prompt is absent; make it count.
+            negative_prompt = ""
+        seed = v.integer("seed", -1, -1, MAX_SEED)
+        image_format = v.choice("format", "png", IMAGE_FORMATS)
+        return GenerationRequest(
+            prompt=v.text("prompt", lim.max_prompt_length, required=True),
+            prompt_2=v.text("prompt_2", lim.max_prompt_length),
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=v.number("guidance_scale", model.default_guidance_scale, 0.0, lim.max_guidance_scale),
+            seed=secrets.randbits(63) if seed == -1 else seed,
+            num_images=v.integer("num_images", 1, 1, lim.max_images),
+            scheduler=v.scheduler(),
+            refiner=refiner,
+            high_noise_frac=high_noise_frac,
+            refiner_strength=refiner_strength,
+            original_size=v.pair("original_size", 1, 16384),
+            crops_coords_top_left=v.pair("crops_coords_top_left", 0, 16384),
+            target_size=v.pair("target_size", 1, 16384),
+            image_format=image_format,
+            quality=v.integer("quality", 90, 1, 100),
+        )
+
+
+class _Fields:
+    """Typed access to one request's raw values; each accessor raises with the field's name."""
+
+    def __init__(self, values: Mapping[str, Any], where: str):
+        self.where = where
+        self.values: dict[str, Any] = {}
+        for key, value in values.items():
+            name = ALIASES.get(key, key)
+            if name not in FIELDS:
+                raise InvalidInput(
+                    f"{where}{key}: unknown field; allowed fields: {', '.join(sorted(FIELDS))} "
+                    f"(aliases: {', '.join(f'{a}={n}' for a, n in sorted(ALIASES.items()))})"
+                )
+            if name in self.values:
+                raise InvalidInput(f"{where}{key}: given twice (as {name} and an alias)")
+            self.values[name] = value
+
+    def has(self, name: str) -> bool:
+        return self.values.get(name) is not None
+
+    def _fail(self, name: str, expected: str) -> InvalidInput:
+        return InvalidInput(f"{self.where}{name}: must be {expected}, got {self.values[name]!r:.200}")
+
+    def text(self, name: str, max_length: int, required: bool = False) -> str | None:
+        value = self.values.get(name)
+        if value is None:
+            if required:
+                raise InvalidInput(f"{self.where}{name}: required field is missing")
+            return None
+        if not isinstance(value, str):
+            raise self._fail(name, "a string")
+        if len(value) > max_length:
+            raise InvalidInput(
+                f"{self.where}{name}: {len(value)} characters is over the limit of {max_length}"
+            )
+        return value
+
+    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.values.get(name)
+        if value is None:
+            return default
+        number = _as_number(value)
+        if number is None or number != int(number) or not lo <= number <= hi:
+            raise self._fail(name, f"an integer from {lo} to {hi}")
+        return int(number)
+
+    def number(
+        self,
+        name: str,
+        default: float,
+        lo: float,
+        hi: float,
+        open_range: bool = False,
+        open_low: bool = False,
+    ) -> float:
+        value = self.values.get(name)
+        if value is None:
+            return default
+        number = _as_number(value)
+        low_open = open_range or open_low
+        ok = (
+            number is not None
+            and (lo < number if low_open else lo <= number)
+            and (number < hi if open_range else number <= hi)
+        )
+        if not ok:
+            bounds = f"{'(' if low_open else '['}{lo}, {hi}{')' if open_range else ']'}"
+            raise self._fail(name, f"a finite number in {bounds}")
+        return float(number)
+
+    def dimension(self, name: str, default: int, limits: Limits, multiple: int) -> int:
+        value = self.values.get(name)
+        if value is None:
+            return default
+        number = _as_number(value)
+        if (
+            number is None
+            or number != int(number)
+            or not limits.min_side <= number <= limits.max_side
+            or int(number) % multiple
+        ):
+            raise self._fail(
+                name, f"a multiple of {multiple} from {limits.min_side} to {limits.max_side}"
+            )
+        return int(number)
+
+    def choice(self, name: str, default: str, choices: Mapping[str, str]) -> str:
+        value = self.values.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise self._fail(name, f"one of {', '.join(sorted(set(choices)))}")
+        return choices[value.lower()]
+
+    def pair(self, name: str, lo: int, hi: int) -> tuple[int, int] | None:
+        value = self.values.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str):  # gRPC parameters can only carry strings: accept "[a, b]"
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise self._fail(name, f"a list of two integers from {lo} to {hi}") from None
+        if (
+            isinstance(value, (list, tuple))
+            and len(value) == 2
+            and all((n := _as_number(x)) is not None and n == int(n) and lo <= n <= hi for x in value)
+        ):
+            return int(value[0]), int(value[1])
+        raise self._fail(name, f"a list of two integers from {lo} to {hi}")
+
+    def scheduler(self) -> str | None:
+        value = self.values.get("scheduler")
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self._fail("scheduler", "a scheduler name")
+        try:
+            return resolve_scheduler_name(value)
+        except KeyError as exc:
+            raise InvalidInput(f"{self.where}scheduler: {exc.args[0]}") from None
+
+    def refiner_mode(self, has_refiner: bool) -> RefinerMode:
+        value = self.values.get("refiner")
+        default = RefinerMode.ENSEMBLE if has_refiner else RefinerMode.NONE
+        if value is None or value is True:
+            return default
+        if value is False:
+            return RefinerMode.NONE
+        allowed = [m.value for m in RefinerMode] if has_refiner else [RefinerMode.NONE.value]
+        if not isinstance(value, str) or value.lower() not in [m.value for m in RefinerMode]:
+            raise self._fail("refiner", f"one of {', '.join(allowed)}")
+        mode = RefinerMode(value.lower())
+        if mode is not RefinerMode.NONE and not has_refiner:
+            raise InvalidInput(
+                f"{self.where}refiner: {mode.value!r} needs a refiner model and none is loaded; "
+                f"allowed: none"
+            )
+        return mode
+
+
+def _as_number(value: Any) -> float | int | None:
+    """A finite int/float (or a numeric string, as gRPC parameters carry them), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eEn") else int(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None

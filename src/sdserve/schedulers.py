@@ -1,0 +1,69 @@
+"""The fixed set of sampler names a request may ask for, and how each is built.
+
+Names follow the ones users know from web UIs ("DPM++ 2M Karras"); each maps to a diffusers
+scheduler class plus config overrides, built from the loaded model's own scheduler config so the
+model's beta schedule and timestep spacing are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+
+# canonical name -> (diffusers class name, config overrides)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DDIM": ("DDIMScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "PNDM": ("PNDMScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+_BY_KEY = {_normalise(name): name for name in SCHEDULERS}
+_BY_KEY.update({_normalise(cls): name for name, (cls, extra) in SCHEDULERS.items() if not extra})
+
+
+def resolve_scheduler_name(name: str) -> str:
+    """Map a user-given name (any case, '_' or '-' for spaces, or a diffusers class name) to the
+    canonical one; raises KeyError with the allowed names."""
+    try:
+        return _BY_KEY[_normalise(name)]
+    except KeyError:
+        raise KeyError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}") from None
+
+
+def build_scheduler(name: str | None, base_config: Any, seeds: list[int] | None = None):
+    """A fresh scheduler for one pipeline call (schedulers are stateful, so never shared).
+
+    ``name`` None rebuilds the model's own scheduler. ``seeds`` (one per image) seed the Brownian
+    noise of the SDE samplers per image, so batched images equal unbatched ones.
+    """
+    if name is None:
+        cls_name, overrides = base_config["_class_name"], {}
+    else:
+        cls_name, overrides = SCHEDULERS[name]
+    scheduler = getattr(diffusers, cls_name).from_config(base_config, **overrides)
+    if hasattr(scheduler, "noise_sampler_seed") and seeds is not None:
+        scheduler.noise_sampler_seed = list(seeds)
+    return scheduler
