@@ -1,0 +1,62 @@
+"""Errors a client can see besides invalid input (``kserve.errors.InvalidInput`` -> 400), with
+their HTTP answer and gRPC status. They derive from grpc_interceptor's ``GrpcException`` so
+KServe's gRPC interceptor maps them to the right status code; REST handlers are below."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from grpc import StatusCode
+from grpc_interceptor.exceptions import GrpcException
+
+
+class ServingError(GrpcException):
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class QueueFull(ServingError):
+    """The queue is at its bound; the client should come back later."""
+
+    http_status = 503
+    status_code = StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, max_queue: int, retry_after: int):
+        super().__init__(f"server busy: {max_queue} requests are queued; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ShuttingDown(ServingError):
+    """The server is draining and takes no new work."""
+
+    http_status = 503
+    status_code = StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str = "server is shutting down"):
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class GenerationFailed(ServingError):
+    """The pipeline raised while generating this request's batch."""
+
+    http_status = 500
+    status_code = StatusCode.INTERNAL
+
+
+async def serving_error_handler(_: Request, exc: ServingError) -> JSONResponse:
+    return JSONResponse(status_code=exc.http_status, content={"error": str(exc)}, headers=exc.headers())
