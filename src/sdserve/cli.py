@@ -1,0 +1,37 @@
+"""``sdserve`` / ``python -m sdserve``: run the server, or a helper command.
+
+    sdserve [server flags]                 serve the model under --model_dir
+    sdserve tiny-model DIR [--kind KIND]   write a tiny random-weight model for tests and demos
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def tiny_model_main(argv: list[str]) -> None:
+    from .tiny import KINDS, write_tiny_model
+
+    parser = argparse.ArgumentParser(prog="sdserve tiny-model", description=write_tiny_model.__doc__)
+    parser.add_argument("dest", help="folder to write the model to")
+    parser.add_argument("--kind", choices=KINDS, default="sdxl-refiner",
+                        help="sdxl-refiner: DIR/base + DIR/refiner; sdxl: one SDXL folder; sd: an SD 2.x-style folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    path = write_tiny_model(args.dest, args.kind, args.seed)
+    print(f"wrote a tiny {args.kind} model to {path}")
+
+
+COMMANDS = {"tiny-model": tiny_model_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
+        return
+    from .server import serve
+    from .settings import load_config
+
+    serve(load_config(argv))

@@ -1,0 +1,201 @@
+"""Open Inference Protocol v2 (REST ``/v2/models/<name>/infer`` and KServe's gRPC service).
+
+Inputs: BYTES ``prompt`` of shape [N] (a lone BYTES input of any name, e.g. ``input0``, is the
+prompt) and optional BYTES ``negative_prompt`` ([1] or [N]). Generation parameters come from the
+request's ``parameters``. Outputs: ``image`` (BYTES: base64 PNG in JSON, raw bytes over gRPC or
+when binary output is asked for) and ``seed`` (INT64); with ``"output_format": "tensor"`` the
+image output is instead one UINT8 tensor [N, H, W, 3].
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import RequestedOutput
+
+from ..imaging import b64, encode_image
+from ..request import GenerationRequest, GenerationResult, RequestParser
+
+PROMPT = "prompt"
+NEGATIVE_PROMPT = "negative_prompt"
+OUTPUT_FORMATS = ("image", "tensor")
+OUTPUTS = ("image", "seed")
+# Triton's Stable Diffusion tutorial asks for its image tensor under this name.
+TENSOR_OUTPUT_ALIAS = "generated_image"
+
+INPUT_METADATA = [
+    {"name": PROMPT, "datatype": "BYTES", "shape": [-1]},
+    {"name": NEGATIVE_PROMPT, "datatype": "BYTES", "shape": [-1]},
+]
+OUTPUT_METADATA = [
+    {"name": "image", "datatype": "BYTES", "shape": [-1]},
+    {"name": "seed", "datatype": "INT64", "shape": [-1]},
+]
+
+
+@dataclass
+class V2Call:
+    """A parsed v2 request: what to generate and how the answer must be shaped."""
+
+    requests: list[GenerationRequest]
+    output_format: str
+    request_id: str
+    requested: list[RequestedOutput] | None
+    binary: bool  # image bytes raw (gRPC, binary extension) rather than base64 text
+
+
+def grpc_parameter_value(param: Any) -> Any:
+    """Python value of a gRPC ``InferParameter``.
+
+    KServe's proto knows bool/int64/string; Triton's clients also send ``double_param`` (field 4)
+    and ``uint64_param`` (field 5), which arrive as unknown fields and are decoded here.
+    """
+    choice = param.WhichOneof("parameter_choice")
+    if choice is not None:
+        return getattr(param, choice)
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    for f in UnknownFieldSet(param):
+        if f.field_number == 4 and f.wire_type == 1:
+            return struct.unpack("<d", struct.pack("<Q", f.data))[0]
+        if f.field_number == 5 and f.wire_type == 0:
+            return f.data
+    return None
+
+
+def plain_parameters(parameters: Any) -> dict[str, Any]:
+    """REST JSON parameters or gRPC ``InferParameter`` map -> plain dict."""
+    if not parameters:
+        return {}
+    return {
+        key: value if isinstance(value, (str, int, float, bool, list, dict)) else grpc_parameter_value(value)
+        for key, value in parameters.items()
+    }
+
+
+def _strings(inp: Any) -> list[str]:
+    """Decode a BYTES input (JSON list, gRPC bytes_contents or raw binary) to strings."""
+    if inp.datatype != "BYTES":
+        raise InvalidInput(f"input {inp.name}: datatype must be BYTES, got {inp.datatype}")
+    try:
+        values = inp.as_numpy().ravel().tolist() if inp._raw_data is not None else _flatten(inp.data)
+    except Exception as exc:  # noqa: BLE001 - malformed tensors are the client's error
+        raise InvalidInput(f"input {inp.name}: data does not match its shape {inp.shape}: {exc}") from None
+    out = []
+    for value in values:
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input {inp.name}: prompts must be UTF-8 text") from None
+        if not isinstance(value, str):
+            raise InvalidInput(f"input {inp.name}: expected strings, got {type(value).__name__}")
+        out.append(value)
+    if not out:
+        raise InvalidInput(f"input {inp.name}: no prompt given (empty tensor)")
+    return out
+
+
+def _flatten(data: Any) -> list:
+    if isinstance(data, (list, tuple)):
+        return [x for item in data for x in _flatten(item)]
+    return [data]
+
+
+def _text_inputs(inputs: list) -> tuple[list[str], list[str] | None]:
+    by_name = {inp.name: inp for inp in inputs}
+    if len(by_name) != len(inputs):
+        raise InvalidInput("inputs: each input name may appear once")
+    negative = by_name.pop(NEGATIVE_PROMPT, None)
+    if PROMPT in by_name:
+        prompt = by_name.pop(PROMPT)
+    elif len(by_name) == 1 and next(iter(by_name.values())).datatype == "BYTES":
+        _, prompt = by_name.popitem()  # e.g. TorchServe's "input0"
+    else:
+        prompt = None
+    if prompt is None or by_name:
+        got = ", ".join(f"{i.name} ({i.datatype})" for i in inputs) or "none"
+        raise InvalidInput(
+            f"inputs: expected a BYTES input '{PROMPT}' (or a single BYTES input of any name) and an "
+            f"optional BYTES '{NEGATIVE_PROMPT}'; got {got}"
+        )
+    prompts = _strings(prompt)
+    negatives = _strings(negative) if negative is not None else None
+    if negatives is not None and len(negatives) not in (1, len(prompts)):
+        raise InvalidInput(
+            f"input {NEGATIVE_PROMPT}: has {len(negatives)} entries; give 1 or one per prompt ({len(prompts)})"
+        )
+    if negatives is not None and len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    return prompts, negatives
+
+
+def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V2Call:
+    params = plain_parameters(request.parameters)
+    output_format = params.pop("output_format", "image")
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidInput(f"output_format: must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    binary_default = bool(params.pop("binary_data_output", False))
+    requested = None
+    if request.request_outputs:
+        requested = []
+        for out in request.request_outputs:
+            if out.name == TENSOR_OUTPUT_ALIAS:
+                output_format = "tensor"
+            elif out.name not in OUTPUTS:
+                raise InvalidInput(
+                    f"outputs: unknown output {out.name!r}; available: {', '.join(OUTPUTS)} "
+                    f"(or {TENSOR_OUTPUT_ALIAS} for the image tensor)"
+                )
+            binary = out.binary_data if out.binary_data is not None else binary_default
+            requested.append(RequestedOutput(out.name, {**(out.parameters or {}), "binary_data": bool(binary)}))
+    if NEGATIVE_PROMPT in params and any(i.name == NEGATIVE_PROMPT for i in request.inputs):
+        raise InvalidInput(f"{NEGATIVE_PROMPT}: given both as an input and as a parameter")
+    parser.check_fields(params)
+    prompts, negatives = _text_inputs(request.inputs)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        values = {**params, PROMPT: prompt}
+        if negatives is not None:
+            values[NEGATIVE_PROMPT] = negatives[i]
+        requests.append(parser.parse(values))
+    total = sum(r.num_images for r in requests)
+    if total > parser.limits.max_images:
+        raise InvalidInput(
+            f"{PROMPT}: {total} images asked for in one request; the server limit is {parser.limits.max_images}"
+        )
+    image_binary = request.from_grpc or (
+        any(o.name == "image" and o.binary_data for o in requested) if requested else binary_default
+    )
+    return V2Call(requests, output_format, request.id or request_id, requested, image_binary)
+
+
+def encode_response(
+    call: V2Call, results: list[GenerationResult], model_name: str, use_binary_outputs: bool
+) -> InferResponse:
+    """Build the v2 response (runs image encoding: call it off the event loop)."""
+    images = [(img, r) for r, res in zip(call.requests, results) for img in res.images]
+    seeds = np.array([s for res in results for s in res.seeds], dtype=np.int64)
+    n = len(images)
+    if call.output_format == "tensor":
+        stacked = np.stack([img for img, _ in images])
+        names = [o.name for o in call.requested or []]
+        name = TENSOR_OUTPUT_ALIAS if TENSOR_OUTPUT_ALIAS in names else "image"
+        image_output = InferOutput(name, list(stacked.shape), "UINT8", data=stacked)
+    else:
+        encoded = [encode_image(img, r.image_format, r.quality) for img, r in images]
+        data = encoded if call.binary else [b64(e) for e in encoded]
+        image_output = InferOutput("image", [n], "BYTES", data=data)
+    return InferResponse(
+        response_id=call.request_id or str(uuid.uuid4()),
+        model_name=model_name,
+        infer_outputs=[image_output, InferOutput("seed", [n], "INT64", data=seeds)],
+        use_binary_outputs=use_binary_outputs,
+        requested_outputs=call.requested,
+    )

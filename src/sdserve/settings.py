@@ -1,0 +1,106 @@
+"""Command-line flags of the server: KServe's own (``parents=[model_server.parser]``) plus sdserve's,
+with underscores like KServe's. Nothing here runs at import time."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from .engine import EngineSettings
+from .predictor import ModelSettings
+from .request import Limits
+
+# Several 1024x1024 images (PNG ~1.5 MB, raw tensor 3 MB each) exceed gRPC's 8 MiB default.
+GRPC_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kserve import model_server
+
+    parser = argparse.ArgumentParser(
+        prog="sdserve",
+        parents=[model_server.parser],
+        description="Serve a Stable Diffusion model (SDXL base + refiner, SD 1.x/2.x) over KServe v1, "
+        "v2 REST and v2 gRPC. Other commands: 'sdserve tiny-model DIR' writes a tiny test model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.set_defaults(
+        model_name="sdxl",
+        grpc_max_send_message_length=GRPC_MESSAGE_BYTES,
+        grpc_max_receive_message_length=GRPC_MESSAGE_BYTES,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_dir", default="/mnt/models", help="diffusers folder, or a folder with base/ (+ refiner/)")
+    model.add_argument("--refiner_dir", default=None, help="SDXL refiner folder, when not <model_dir>/refiner")
+    model.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                       help="weights and compute dtype; auto: float16 on CUDA, float32 on CPU")
+    model.add_argument("--default_steps", type=int, default=None,
+                       help="num_inference_steps when a request gives none (None: the pipeline's own, 50)")
+
+    limits = parser.add_argument_group("request limits")
+    defaults = Limits()
+    limits.add_argument("--max_side", type=int, default=defaults.max_side, help="largest width or height")
+    limits.add_argument("--max_pixels", type=int, default=defaults.max_pixels, help="largest width x height")
+    limits.add_argument("--max_steps", type=int, default=defaults.max_steps, help="largest num_inference_steps")
+    limits.add_argument("--max_images", type=int, default=defaults.max_images, help="most images in one request")
+    limits.add_argument("--max_prompt_length", type=int, default=defaults.max_prompt_length,
+                        help="longest prompt, in characters")
+
+    batching = parser.add_argument_group("batching and queueing")
+    engine = EngineSettings()
+    batching.add_argument("--max_batch_images", type=int, default=engine.max_batch_images,
+                          help="most images in one pipeline call (compatible requests are batched)")
+    batching.add_argument("--max_batch_wait_ms", type=float, default=engine.max_wait_ms,
+                          help="how long the worker waits for more compatible requests before starting a batch")
+    batching.add_argument("--max_queue", type=int, default=engine.max_queue,
+                          help="requests that may wait; beyond this the server answers 503 with Retry-After")
+    batching.add_argument("--retry_after", type=int, default=engine.retry_after_s,
+                          help="seconds suggested in Retry-After when the queue is full")
+    return parser
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs, validated: KServe's own flags stay in ``args``."""
+
+    args: argparse.Namespace
+    model: ModelSettings
+    limits: Limits
+    engine: EngineSettings
+
+
+def load_config(argv: list[str] | None = None) -> ServerConfig:
+    """Parse and validate the server's flags; exits with a usage error naming the bad flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers != 1:
+        parser.error("--workers must be 1: one process owns the GPU; scale with replicas instead")
+    if args.default_steps is not None and not 1 <= args.default_steps <= args.max_steps:
+        parser.error(f"--default_steps must be from 1 to --max_steps ({args.max_steps})")
+    try:
+        return ServerConfig(
+            args=args,
+            model=ModelSettings(
+                model_dir=args.model_dir,
+                refiner_dir=args.refiner_dir,
+                device=args.device,
+                dtype=args.dtype,
+                default_steps=args.default_steps,
+            ),
+            limits=Limits(
+                max_side=args.max_side,
+                max_pixels=args.max_pixels,
+                max_steps=args.max_steps,
+                max_images=args.max_images,
+                max_prompt_length=args.max_prompt_length,
+            ),
+            engine=EngineSettings(
+                max_batch_images=args.max_batch_images,
+                max_wait_ms=args.max_batch_wait_ms,
+                max_queue=args.max_queue,
+                retry_after_s=args.retry_after,
+            ),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
