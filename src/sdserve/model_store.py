@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,10 @@ class LoadedModel:
     layout: ModelLayout
     device: torch.device
     dtype: torch.dtype
+    # The schedulers as loaded: every call builds its scheduler from these, never from the one an
+    # earlier request left on the pipeline.
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+    refiner_scheduler_config: dict[str, Any] | None = None
 
 
 def _listing(path: Path) -> str:
@@ -232,5 +236,15 @@ def load(
         default_guidance_scale=float(defaults["guidance_scale"].default),
         is_sdxl=TEXT_TO_IMAGE_PIPELINES[class_name] == "sdxl",
         has_refiner=refiner is not None,
+        scheduler_class=type(base.scheduler).__name__,
     )
-    return LoadedModel(base, refiner, capabilities, layout, device, dtype)
+    return LoadedModel(
+        base,
+        refiner,
+        capabilities,
+        layout,
+        device,
+        dtype,
+        scheduler_config=dict(base.scheduler.config),
+        refiner_scheduler_config=dict(refiner.scheduler.config) if refiner is not None else None,
+    )

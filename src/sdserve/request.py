@@ -18,7 +18,7 @@ from typing import Any
 
 from kserve.errors import InvalidInput
 
-from .schedulers import resolve_scheduler_name
+from .schedulers import min_steps, resolve_scheduler_name
 
 MAX_SEED = 2**63 - 1
 IMAGE_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
@@ -61,6 +61,7 @@ class ModelCapabilities:
     default_guidance_scale: float
     is_sdxl: bool
     has_refiner: bool
+    scheduler_class: str = "EulerDiscreteScheduler"
     size_multiple: int = 8
 
 
@@ -186,7 +187,7 @@ class RequestParser:
             for name in SDXL_ONLY:
                 if v.has(name):
                     raise InvalidInput(
-                        f"{where}{name}: only SDXL models accept this field; "
+                        f"{v.label(name)}: only SDXL models accept this field; "
                         f"the loaded model is a {model.pipeline_class}"
                     )
 
@@ -203,12 +204,19 @@ class RequestParser:
         refiner_strength = v.number("refiner_strength", 0.3, 0.0, 1.0, open_low=True)
         if refiner is RefinerMode.REFINE and int(steps * refiner_strength) < 1:
             raise InvalidInput(
-                f"{where}refiner_strength: {refiner_strength} of {steps} steps leaves the refiner no "
+                f"{v.label('refiner_strength')}: {refiner_strength} of {steps} steps leaves the refiner no "
                 f"step; raise refiner_strength or num_inference_steps"
+            )
+        scheduler = v.scheduler()
+        fewest = min_steps(scheduler, model.scheduler_class)
+        if steps < fewest:
+            raise InvalidInput(
+                f"{v.label('num_inference_steps')}: the {scheduler or model.scheduler_class} scheduler "
+                f"needs at least {fewest} steps, got {steps}"
             )
         if refiner is RefinerMode.ENSEMBLE and steps < 2:
             raise InvalidInput(
-                f"{where}num_inference_steps: the ensemble refiner mode needs at least 2 steps, got {steps}"
+                f"{v.label('num_inference_steps')}: the ensemble refiner mode needs at least 2 steps, got {steps}"
             )
         negative_prompt = v.text("negative_prompt", lim.max_prompt_length)
         negative_prompt_2 = v.text("negative_prompt_2", lim.max_prompt_length)
@@ -228,7 +236,7 @@ class RequestParser:
             guidance_scale=v.number("guidance_scale", model.default_guidance_scale, 0.0, lim.max_guidance_scale),
             seed=secrets.randbits(63) if seed == -1 else seed,
             num_images=v.integer("num_images", 1, 1, lim.max_images),
-            scheduler=v.scheduler(),
+            scheduler=scheduler,
             refiner=refiner,
             high_noise_frac=high_noise_frac,
             refiner_strength=refiner_strength,
@@ -246,6 +254,7 @@ class _Fields:
     def __init__(self, values: Mapping[str, Any], where: str):
         self.where = where
         self.values: dict[str, Any] = {}
+        self.given_as: dict[str, str] = {}  # canonical name -> the key the client used
         for key, value in values.items():
             name = ALIASES.get(key, key)
             if name not in FIELDS:
@@ -256,24 +265,28 @@ class _Fields:
             if name in self.values:
                 raise InvalidInput(f"{where}{key}: given twice (as {name} and an alias)")
             self.values[name] = value
+            self.given_as[name] = key
+
+    def label(self, name: str) -> str:
+        return f"{self.where}{self.given_as.get(name, name)}"
 
     def has(self, name: str) -> bool:
         return self.values.get(name) is not None
 
     def _fail(self, name: str, expected: str) -> InvalidInput:
-        return InvalidInput(f"{self.where}{name}: must be {expected}, got {self.values[name]!r:.200}")
+        return InvalidInput(f"{self.label(name)}: must be {expected}, got {self.values[name]!r:.200}")
 
     def text(self, name: str, max_length: int, required: bool = False) -> str | None:
         value = self.values.get(name)
         if value is None:
             if required:
-                raise InvalidInput(f"{self.where}{name}: required field is missing")
+                raise InvalidInput(f"{self.label(name)}: required field is missing")
             return None
         if not isinstance(value, str):
             raise self._fail(name, "a string")
         if len(value) > max_length:
             raise InvalidInput(
-                f"{self.where}{name}: {len(value)} characters is over the limit of {max_length}"
+                f"{self.label(name)}: {len(value)} characters is over the limit of {max_length}"
             )
         return value
 
@@ -360,7 +373,7 @@ class _Fields:
         try:
             return resolve_scheduler_name(value)
         except KeyError as exc:
-            raise InvalidInput(f"{self.where}scheduler: {exc.args[0]}") from None
+            raise InvalidInput(f"{self.label('scheduler')}: {exc.args[0]}") from None
 
     def refiner_mode(self, has_refiner: bool) -> RefinerMode:
         value = self.values.get("refiner")
@@ -375,7 +388,7 @@ class _Fields:
         mode = RefinerMode(value.lower())
         if mode is not RefinerMode.NONE and not has_refiner:
             raise InvalidInput(
-                f"{self.where}refiner: {mode.value!r} needs a refiner model and none is loaded; "
+                f"{self.label('refiner')}: {mode.value!r} needs a refiner model and none is loaded; "
                 f"allowed: none"
             )
         return mode

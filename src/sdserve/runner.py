@@ -6,7 +6,6 @@ whether it was generated alone or inside a batch (up to floating-point noise of 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,14 +83,14 @@ class PipelineRunner:
                 target_size=settings.target_size,
             )
         base = model.base
-        base.scheduler = build_scheduler(settings.scheduler, base.scheduler.config, seeds)
+        base.scheduler = build_scheduler(settings.scheduler, model.scheduler_config, seeds)
         mode = settings.refiner if model.refiner is not None else RefinerMode.NONE
         if mode is RefinerMode.NONE:
             images = base(height=settings.height, width=settings.width, output_type="np", **kwargs).images
             return to_uint8(images)
 
         refiner = model.refiner
-        refiner.scheduler = build_scheduler(settings.scheduler, refiner.scheduler.config, seeds)
+        refiner.scheduler = build_scheduler(settings.scheduler, model.refiner_scheduler_config, seeds)
         if mode is RefinerMode.ENSEMBLE:
             latents = base(
                 height=settings.height,
@@ -110,9 +109,3 @@ class PipelineRunner:
             ).images
         return to_uint8(images)
 
-
-def timed(fn, *args):
-    """(result, seconds) of ``fn(*args)``."""
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start

@@ -36,6 +36,16 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# PNDM's Runge-Kutta warm-up needs this many steps; fewer crash inside diffusers.
+_MIN_STEPS = {"PNDMScheduler": 4}
+
+
+def min_steps(scheduler: str | None, model_scheduler_class: str) -> int:
+    """Fewest num_inference_steps the named scheduler (None: the model's own) can run."""
+    cls_name = SCHEDULERS[scheduler][0] if scheduler else model_scheduler_class
+    return _MIN_STEPS.get(cls_name, 1)
+
+
 def _normalise(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
