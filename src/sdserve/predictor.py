@@ -122,6 +122,4 @@ class SDModel(kserve.Model):
     async def _predict_v2(self, payload: InferRequest, request_id: str):
         call = v2.parse_v2(payload, self.parser, request_id)
         results = await self.batch_engine.generate(call.requests, request_id)
-        return await asyncio.to_thread(
-            v2.encode_response, call, results, self.name, payload.use_binary_outputs
-        )
+        return await asyncio.to_thread(v2.encode_response, call, results, self.name)

@@ -48,6 +48,7 @@ class V2Call:
     request_id: str
     requested: list[RequestedOutput] | None
     binary: bool  # image bytes raw (gRPC, binary extension) rather than base64 text
+    raw_outputs: bool  # all outputs in the binary section (REST) / raw_output_contents (gRPC)
 
 
 def grpc_parameter_value(param: Any) -> Any:
@@ -173,15 +174,14 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
     image_binary = request.from_grpc or (
         any(o.name == "image" and o.binary_data for o in requested) if requested else binary_default
     )
-    return V2Call(requests, output_format, request.id or request_id, requested, image_binary)
+    # gRPC forbids mixing raw_output_contents with typed contents: a raw tensor makes all raw.
+    raw_outputs = request.use_binary_outputs or (request.from_grpc and output_format == "tensor")
+    return V2Call(requests, output_format, request.id or request_id, requested, image_binary, raw_outputs)
 
 
-def encode_response(
-    call: V2Call, results: list[GenerationResult], model_name: str, use_binary_outputs: bool
-) -> InferResponse:
+def encode_response(call: V2Call, results: list[GenerationResult], model_name: str) -> InferResponse:
     """Build the v2 response (runs image encoding: call it off the event loop)."""
     images = [(img, r) for r, res in zip(call.requests, results) for img in res.images]
-    seeds = np.array([s for res in results for s in res.seeds], dtype=np.int64)
     n = len(images)
     if call.output_format == "tensor":
         stacked = np.stack([img for img, _ in images])
@@ -192,10 +192,17 @@ def encode_response(
         encoded = [encode_image(img, r.image_format, r.quality) for img, r in images]
         data = encoded if call.binary else [b64(e) for e in encoded]
         image_output = InferOutput("image", [n], "BYTES", data=data)
+    seed_output = InferOutput("seed", [n], "INT64", data=[s for res in results for s in res.seeds])
+    outputs = [image_output, seed_output]
+    if call.raw_outputs:
+        # Serialise here: KServe's to_grpc cannot take numpy data when all outputs go raw.
+        for out in outputs:
+            dtype = {"BYTES": np.object_, "INT64": np.int64, "UINT8": np.uint8}[out.datatype]
+            out.set_data_from_numpy(np.asarray(out.data, dtype=dtype), binary_data=True)
     return InferResponse(
         response_id=call.request_id or str(uuid.uuid4()),
         model_name=model_name,
-        infer_outputs=[image_output, InferOutput("seed", [n], "INT64", data=seeds)],
-        use_binary_outputs=use_binary_outputs,
+        infer_outputs=outputs,
+        use_binary_outputs=call.raw_outputs,
         requested_outputs=call.requested,
     )
