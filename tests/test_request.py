@@ -1,0 +1,153 @@
+"""The one validator: every field, its range, and error messages that name the field."""
+
+import math
+
+import pytest
+from kserve.errors import InvalidInput
+
+from sdserve.request import MAX_SEED, GenerationRequest, Limits, ModelCapabilities, RefinerMode, RequestParser
+
+SDXL = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, is_sdxl=True, has_refiner=True)
+SDXL_NO_REFINER = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, is_sdxl=True, has_refiner=False)
+SD = ModelCapabilities("StableDiffusionPipeline", 768, 768, 50, 7.5, is_sdxl=False, has_refiner=False)
+
+
+def parse(values, model=SDXL, limits=Limits()) -> GenerationRequest:
+    return RequestParser(limits, model).parse(values)
+
+
+def test_defaults_come_from_the_model():
+    r = parse({"prompt": "a dog"})
+    assert (r.width, r.height, r.num_inference_steps, r.guidance_scale) == (1024, 1024, 30, 5.0)
+    assert r.refiner is RefinerMode.ENSEMBLE and r.high_noise_frac == 0.8
+    assert parse({"prompt": "a dog"}, SDXL_NO_REFINER).refiner is RefinerMode.NONE
+    sd = parse({"prompt": "a dog"}, SD)
+    assert (sd.width, sd.guidance_scale, sd.num_inference_steps) == (768, 7.5, 50)
+    assert r.image_format == "png" and r.num_images == 1
+
+
+def test_compatibility_fields_and_aliases():
+    r = parse(
+        {
+            "prompt": "x",
+            "guidance_scale": 8.0,
+            "num_inference_steps": 50,
+            "crops_coords_top_left": [256, 0],
+            "width": 1024,
+            "height": 1024,
+            "denoising_limit": 0.7,
+            "num_images_per_prompt": 2,
+            "scheduler": "dpm++_2m_karras",
+            "format": "JPG",
+        }
+    )
+    assert r.crops_coords_top_left == (256, 0) and r.high_noise_frac == 0.7 and r.num_images == 2
+    assert r.scheduler == "DPM++ 2M Karras" and r.image_format == "jpeg"
+
+
+def test_random_seed_is_63_bit_and_returned_per_image():
+    seeds = {parse({"prompt": "x"}).seed for _ in range(20)}
+    assert len(seeds) == 20 and all(0 <= s <= MAX_SEED for s in seeds)
+    assert max(seeds) > 2**40  # not a 16- or 32-bit seed
+    r = parse({"prompt": "x", "seed": MAX_SEED, "num_images": 3})
+    assert r.seeds == [MAX_SEED, 0, 1]
+    assert parse({"prompt": "x", "seed": -1}).seed >= 0  # -1 means random, as in web UIs
+
+
+def test_grpc_style_string_values_are_accepted():
+    r = parse({"prompt": "x", "guidance_scale": "7.5", "num_inference_steps": "20", "target_size": "[512, 512]"})
+    assert (r.guidance_scale, r.num_inference_steps, r.target_size) == (7.5, 20, (512, 512))
+
+
+@pytest.mark.parametrize(
+    "values, field, expected",
+    [
+        ({}, "prompt", "required"),
+        ({"prompt": 5}, "prompt", "a string"),
+        ({"prompt": "x" * 2001}, "prompt", "limit of 2000"),
+        ({"prompt": "x", "negative_prompt": ["a"]}, "negative_prompt", "a string"),
+        ({"prompt": "x", "width": 1001}, "width", "multiple of 8 from 64 to 2048"),
+        ({"prompt": "x", "height": 4096}, "height", "multiple of 8 from 64 to 2048"),
+        ({"prompt": "x", "height": 8}, "height", "from 64"),
+        ({"prompt": "x", "width": 512.5}, "width", "multiple of 8"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "from 1 to 100"),
+        ({"prompt": "x", "num_inference_steps": 101}, "num_inference_steps", "from 1 to 100"),
+        ({"prompt": "x", "num_inference_steps": True}, "num_inference_steps", "integer"),
+        ({"prompt": "x", "guidance_scale": math.nan}, "guidance_scale", "finite number in [0.0, 30.0]"),
+        ({"prompt": "x", "guidance_scale": math.inf}, "guidance_scale", "finite"),
+        ({"prompt": "x", "guidance_scale": "inf"}, "guidance_scale", "finite"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale", "[0.0, 30.0]"),
+        ({"prompt": "x", "seed": 2**63}, "seed", f"from -1 to {MAX_SEED}"),
+        ({"prompt": "x", "seed": "abc"}, "seed", "integer"),
+        ({"prompt": "x", "num_images": 9}, "num_images", "from 1 to 8"),
+        ({"prompt": "x", "scheduler": "Fastest"}, "scheduler", "allowed: DDIM"),
+        ({"prompt": "x", "refiner": "twice"}, "refiner", "one of none, ensemble, refine"),
+        ({"prompt": "x", "high_noise_frac": 1.0}, "high_noise_frac", "(0.0, 1.0)"),
+        ({"prompt": "x", "denoising_limit": 0}, "denoising_limit", "(0.0, 1.0)"),
+        ({"prompt": "x", "refiner_strength": 0}, "refiner_strength", "(0.0, 1.0]"),
+        ({"prompt": "x", "crops_coords_top_left": [1]}, "crops_coords_top_left", "two integers"),
+        ({"prompt": "x", "original_size": "big"}, "original_size", "two integers"),
+        ({"prompt": "x", "format": "gif"}, "format", "one of jpeg, jpg, png, webp"),
+        ({"prompt": "x", "quality": 0}, "quality", "from 1 to 100"),
+        ({"prompt": "x", "strength": 0.5}, "strength", "unknown field; allowed fields:"),
+        ({"prompt": "x", "num_images": 1, "num_images_per_prompt": 2}, "num_images_per_prompt", "given twice"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_range(values, field, expected):
+    with pytest.raises(InvalidInput) as err:
+        parse(values)
+    assert err.value.reason.startswith(f"{field}:") and expected in err.value.reason
+
+
+def test_pixel_limit_is_checked_on_the_product():
+    limits = Limits(max_side=2048, max_pixels=1024 * 1024)
+    with pytest.raises(InvalidInput, match="width x height: 2048x1024 = 2097152 pixels exceeds the server limit"):
+        parse({"prompt": "x", "width": 2048, "height": 1024}, limits=limits)
+
+
+def test_refiner_modes_need_a_refiner():
+    with pytest.raises(InvalidInput, match="refiner: 'ensemble' needs a refiner model and none is loaded; allowed: none"):
+        parse({"prompt": "x", "refiner": "ensemble"}, SDXL_NO_REFINER)
+    # a split given to a base-only server is harmless (the SDXL-on-OpenShift request sends it)
+    assert parse({"prompt": "x", "denoising_limit": 0.8}, SDXL_NO_REFINER).refiner is RefinerMode.NONE
+    assert parse({"prompt": "x", "refiner": False}).refiner is RefinerMode.NONE
+
+
+def test_refiner_settings_that_leave_no_step_are_rejected():
+    with pytest.raises(InvalidInput, match="refiner_strength: 0.3 of 2 steps leaves the refiner no step"):
+        parse({"prompt": "x", "refiner": "refine", "num_inference_steps": 2})
+    with pytest.raises(InvalidInput, match="num_inference_steps: the ensemble refiner mode needs at least 2 steps"):
+        parse({"prompt": "x", "num_inference_steps": 1})
+
+
+def test_schedulers_that_need_more_steps_say_so():
+    with pytest.raises(InvalidInput, match="num_inference_steps: the PNDM scheduler needs at least 4 steps, got 3"):
+        parse({"prompt": "x", "scheduler": "pndm", "num_inference_steps": 3})
+    sd15 = ModelCapabilities("StableDiffusionPipeline", 512, 512, 50, 7.5, False, False, scheduler_class="PNDMScheduler")
+    with pytest.raises(InvalidInput, match="the PNDMScheduler scheduler needs at least 4 steps"):
+        parse({"prompt": "x", "num_inference_steps": 2}, sd15)
+    assert parse({"prompt": "x", "num_inference_steps": 2, "scheduler": "Euler"}, sd15).num_inference_steps == 2
+
+
+def test_sdxl_only_fields_are_refused_for_sd_models():
+    for name, value in [("prompt_2", "y"), ("original_size", [512, 512]), ("negative_prompt_2", "z")]:
+        with pytest.raises(InvalidInput, match=f"{name}: only SDXL models accept this field"):
+            parse({"prompt": "x", name: value}, SD)
+
+
+def test_server_limits_cap_the_default_steps():
+    assert parse({"prompt": "x"}, SD, Limits(max_steps=20)).num_inference_steps == 20
+
+
+def test_batch_key_groups_compatible_requests_only():
+    a = parse({"prompt": "a", "seed": 1, "num_inference_steps": 20})
+    b = parse({"prompt": "b", "seed": 2, "num_inference_steps": 20, "format": "jpeg", "num_images": 2})
+    assert a.batch_key() == b.batch_key()  # prompts, seeds, counts and output format may differ
+    for change in [{"num_inference_steps": 21}, {"width": 512}, {"scheduler": "Euler a"}, {"negative_prompt": ""},
+                   {"refiner": "none"}, {"denoising_limit": 0.7}, {"guidance_scale": 6}]:
+        c = parse({"prompt": "c", "num_inference_steps": 20, **change})
+        assert c.batch_key() != a.batch_key(), change
+
+
+def test_unicode_prompts_are_fine():
+    assert parse({"prompt": "夕焼けの富士山 🌋, café"}).prompt == "夕焼けの富士山 🌋, café"

@@ -1,0 +1,113 @@
+"""Generation through the real pipelines (tiny weights): seeds, batching, schedulers, refiner modes."""
+
+import numpy as np
+import pytest
+import torch
+
+from sdserve import model_store
+from sdserve.request import Limits, RequestParser
+from sdserve.runner import PipelineRunner
+from sdserve.schedulers import SCHEDULERS
+
+# Batched kernels may round differently from single ones; images must stay within this (of 255).
+BATCH_TOLERANCE = 2
+
+
+@pytest.fixture(scope="module")
+def sdxl(models):
+    loaded = model_store.load(model_store.discover(models["sdxl-refiner"]), torch.device("cpu"), torch.float32)
+    return RequestParser(Limits(), loaded.capabilities), PipelineRunner(loaded, max_batch_images=8)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_same_seed_same_image_other_seed_other_image(sdxl):
+    parser, runner = sdxl
+    req = parser.parse({"prompt": "a dog", "seed": 42, "num_inference_steps": 4})
+    first, again = runner.run([req])[0][0], runner.run([req])[0][0]
+    assert first.shape == (256, 256, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, again)
+    other = runner.run([parser.parse({"prompt": "a dog", "seed": 43, "num_inference_steps": 4})])[0][0]
+    assert max_diff(first, other) > 50
+
+
+@pytest.mark.parametrize("scheduler", [None, "Euler a", "DPM++ 2M SDE Karras", "DPM++ SDE Karras"])
+def test_batched_equals_unbatched(sdxl, scheduler):
+    """Each image has its own generator (and Brownian noise seed): a batch changes nothing."""
+    parser, runner = sdxl
+    common = {"num_inference_steps": 4, "negative_prompt": "blurry", "scheduler": scheduler}
+    a = parser.parse({"prompt": "a dog", "seed": 1, "num_images": 2, **common})
+    b = parser.parse({"prompt": "a cat", "seed": 7, **common})
+    together = runner.run([a, b])
+    alone_a, alone_b = runner.run([a])[0], runner.run([b])[0]
+    assert len(together[0]) == 2 and len(together[1]) == 1
+    assert max_diff(together[0][0], alone_a[0]) <= BATCH_TOLERANCE
+    assert max_diff(together[0][1], alone_a[1]) <= BATCH_TOLERANCE
+    assert max_diff(together[1][0], alone_b[0]) <= BATCH_TOLERANCE
+    # image i of a request is the image a one-image request with seed + i makes
+    single = runner.run([parser.parse({"prompt": "a dog", "seed": 2, **common})])[0][0]
+    assert max_diff(together[0][1], single) <= BATCH_TOLERANCE
+
+
+def test_large_requests_are_split_into_calls_of_max_batch_images(models):
+    loaded = model_store.load(model_store.discover(models["sdxl"]), torch.device("cpu"), torch.float32)
+    parser = RequestParser(Limits(), loaded.capabilities)
+    req = parser.parse({"prompt": "x", "seed": 3, "num_images": 5, "num_inference_steps": 2})
+    calls = []
+    original = loaded.base.__class__.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(len(kwargs["prompt"]))
+        return original(self, *args, **kwargs)
+
+    loaded.base.__class__.__call__ = counting
+    try:
+        images = PipelineRunner(loaded, max_batch_images=2).run([req])[0]
+    finally:
+        loaded.base.__class__.__call__ = original
+    assert calls == [2, 2, 1] and len(images) == 5
+    reference = PipelineRunner(loaded, max_batch_images=8).run([req])[0]
+    assert all(max_diff(x, y) <= BATCH_TOLERANCE for x, y in zip(images, reference))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs_and_is_deterministic(sdxl, name):
+    parser, runner = sdxl
+    req = parser.parse({"prompt": "a dog", "seed": 5, "num_inference_steps": 4, "scheduler": name, "refiner": "none"})
+    first, again = runner.run([req])[0][0], runner.run([req])[0][0]
+    assert first.std() > 5 and np.array_equal(first, again)
+
+
+def test_refiner_modes_give_different_images(sdxl, models):
+    parser, runner = sdxl
+    common = {"prompt": "a dog", "seed": 9, "num_inference_steps": 10}
+    none, ensemble, refine = (
+        runner.run([parser.parse({**common, "refiner": mode})])[0][0] for mode in ("none", "ensemble", "refine")
+    )
+    # (random refiner weights change little, but clearly more than batching noise)
+    for a, b in [(none, ensemble), (none, refine), (ensemble, refine)]:
+        assert max_diff(a, b) > 2 * BATCH_TOLERANCE
+    early = runner.run([parser.parse({**common, "high_noise_frac": 0.5})])[0][0]
+    assert max_diff(early, ensemble) > 2 * BATCH_TOLERANCE
+    # refiner "none" is exactly the base model alone: same as the base-only folder (same weights)
+    base_only = model_store.load(model_store.discover(models["sdxl"]), torch.device("cpu"), torch.float32)
+    plain = PipelineRunner(base_only, 8).run([RequestParser(Limits(), base_only.capabilities).parse(common)])[0][0]
+    assert np.array_equal(plain, none)
+
+
+def test_micro_conditioning_changes_the_image(sdxl):
+    parser, runner = sdxl
+    common = {"prompt": "a dog", "seed": 9, "num_inference_steps": 4, "refiner": "none"}
+    plain = runner.run([parser.parse(common)])[0][0]
+    cropped = runner.run([parser.parse({**common, "crops_coords_top_left": [256, 0]})])[0][0]
+    sized = runner.run([parser.parse({**common, "original_size": [512, 512], "target_size": [512, 512]})])[0][0]
+    assert max_diff(plain, cropped) > 0 and max_diff(plain, sized) > 0
+
+
+def test_sd_pipeline_generates_at_its_own_size(models):
+    loaded = model_store.load(model_store.discover(models["sd"]), torch.device("cpu"), torch.float32)
+    parser = RequestParser(Limits(), loaded.capabilities)
+    image = PipelineRunner(loaded, 4).run([parser.parse({"prompt": "x", "num_inference_steps": 2, "width": 320})])[0][0]
+    assert image.shape == (256, 320, 3)
