@@ -1,0 +1,34 @@
+# sdserve: `make demo` serves a tiny model on :8080, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch is what tests and the demo need; install it before anything pulls torch
+# in, or pip fetches the multi-GB CUDA build. Override for a GPU machine: make TORCH=torch install
+TORCH ?= torch==2.13.0
+DEMO_MODEL ?= .cache/tiny-sdxl
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+$(DEMO_MODEL)/base/model_index.json: | $(STAMP)
+	$(BIN)/sdserve tiny-model $(DEMO_MODEL) --kind sdxl-refiner
+
+demo: $(STAMP) $(DEMO_MODEL)/base/model_index.json
+	$(BIN)/sdserve --model_dir $(DEMO_MODEL) --model_name sdxl --http_port 8080 --grpc_port 8081
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
