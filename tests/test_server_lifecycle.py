@@ -95,3 +95,12 @@ def test_tiny_model_command_writes_a_servable_folder(tmp_path):
     tokenizer = tmp_path / "m" / "tokenizer"
     assert (tmp_path / "m" / "model_index.json").is_file()
     assert (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").read_text().startswith("#version")
+
+
+def test_rejections_are_logged_once_with_the_request_id(sdxl_server):
+    r = sdxl_server.predict({"instances": [{"prompt": "x", "width": 7}]}, headers={"x-request-id": "req-log-1"})
+    assert r.status_code == 400
+    time.sleep(0.3)
+    lines = [line for line in sdxl_server.log().splitlines() if "req-log-1" in line]
+    assert len(lines) == 1 and "rejected: instances[0].width" in lines[0]
+    assert "InvalidInput" not in sdxl_server.log()  # no traceback for a client error

@@ -12,6 +12,16 @@ from .settings import ServerConfig
 log = logging.getLogger("sdserve")
 
 
+class _DropClientErrorTracebacks(logging.Filter):
+    """KServe logs every rejected request as an ERROR with a traceback; sdserve already logs the
+    rejection with its request id at INFO, so the duplicate only buries real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kserve.errors import InvalidInput
+
+        return not (record.exc_info and isinstance(record.exc_info[1], InvalidInput))
+
+
 def configure_logging(args) -> None:
     """KServe's log format for sdserve's own logger too, and no library progress bars."""
     import diffusers
@@ -21,6 +31,7 @@ def configure_logging(args) -> None:
     if args.configure_logging:
         kserve_logging.configure_logging(args.log_config_file)
         kserve_logger = logging.getLogger(kserve_logging.KSERVE_LOGGER_NAME)
+        kserve_logger.addFilter(_DropClientErrorTracebacks())
         log.handlers = list(kserve_logger.handlers)
         log.setLevel(logging.INFO)
         log.propagate = False
