@@ -17,7 +17,7 @@ import kserve
 from kserve import InferRequest
 from kserve.errors import InvalidInput
 
-from . import metrics, model_store
+from . import metrics, model_store, storage
 from .engine import Engine, EngineSettings
 from .protocol import v1, v2
 from .request import Limits, RequestParser
@@ -33,6 +33,7 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     default_steps: int | None = None
+    download_dir: str | None = None  # where remote model locations are downloaded to
 
 
 class SDModel(kserve.Model):
@@ -50,7 +51,9 @@ class SDModel(kserve.Model):
 
     def load(self) -> bool:
         s = self.settings
-        layout = model_store.discover(s.model_dir, s.refiner_dir)
+        model_dir = storage.local_path(s.model_dir, s.download_dir)
+        refiner_dir = storage.local_path(s.refiner_dir, s.download_dir) if s.refiner_dir else None
+        layout = model_store.discover(model_dir, refiner_dir)
         device = model_store.resolve_device(s.device)
         dtype = model_store.resolve_dtype(s.dtype, device)
         started = time.perf_counter()

@@ -30,8 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
         grpc_max_receive_message_length=GRPC_MESSAGE_BYTES,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--model_dir", default="/mnt/models", help="diffusers folder, or a folder with base/ (+ refiner/)")
-    model.add_argument("--refiner_dir", default=None, help="SDXL refiner folder, when not <model_dir>/refiner")
+    model.add_argument("--model_dir", default="/mnt/models",
+                       help="diffusers folder, or a folder with base/ (+ refiner/); or a remote location "
+                       "(s3://bucket/prefix, gs://, hf://, https://) downloaded at start-up")
+    model.add_argument("--refiner_dir", default=None, help="SDXL refiner folder (or remote location), "
+                       "when not <model_dir>/refiner")
+    model.add_argument("--download_dir", default=None,
+                       help="where remote model locations are downloaded (default: $XDG_CACHE_HOME/sdserve/models)")
     model.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     model.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
                        help="weights and compute dtype; auto: float16 on CUDA, float32 on CPU")
@@ -87,6 +92,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                 device=args.device,
                 dtype=args.dtype,
                 default_steps=args.default_steps,
+                download_dir=args.download_dir,
             ),
             limits=Limits(
                 max_side=args.max_side,
