@@ -113,6 +113,13 @@ class GenerationRequest:
             self.negative_prompt is None,
         )
 
+    def image_parameters(self, seed: int, model: str) -> dict[str, Any]:
+        """What reproduces one image of this request alone (stored in its PNG)."""
+        out = self.describe()
+        for name in ("format", "quality"):
+            out.pop(name, None)
+        return {**out, "seed": seed, "num_images": 1, "model": model}
+
     def describe(self) -> dict[str, Any]:
         """The resolved parameters, as returned to clients so an image can be reproduced."""
         out = asdict(self)

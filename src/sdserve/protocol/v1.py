@@ -73,7 +73,11 @@ def encode_prediction(request: GenerationRequest, result: GenerationResult, mode
     """A v1 prediction for one instance (runs image encoding: call it off the event loop)."""
     fmt = request.image_format
     images = [
-        {"b64": b64(encode_image(image, fmt, request.quality)), "format": fmt.upper(), "seed": seed}
+        {
+            "b64": b64(encode_image(image, fmt, request.quality, request.image_parameters(seed, model_name))),
+            "format": fmt.upper(),
+            "seed": seed,
+        }
         for image, seed in zip(result.images, result.seeds)
     ]
     return {

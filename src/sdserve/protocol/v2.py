@@ -181,15 +181,17 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
 
 def encode_response(call: V2Call, results: list[GenerationResult], model_name: str) -> InferResponse:
     """Build the v2 response (runs image encoding: call it off the event loop)."""
-    images = [(img, r) for r, res in zip(call.requests, results) for img in res.images]
+    images = [(img, r, seed) for r, res in zip(call.requests, results) for img, seed in zip(res.images, res.seeds)]
     n = len(images)
     if call.output_format == "tensor":
-        stacked = np.stack([img for img, _ in images])
+        stacked = np.stack([img for img, _, _ in images])
         names = [o.name for o in call.requested or []]
         name = TENSOR_OUTPUT_ALIAS if TENSOR_OUTPUT_ALIAS in names else "image"
         image_output = InferOutput(name, list(stacked.shape), "UINT8", data=stacked)
     else:
-        encoded = [encode_image(img, r.image_format, r.quality) for img, r in images]
+        encoded = [
+            encode_image(img, r.image_format, r.quality, r.image_parameters(seed, model_name)) for img, r, seed in images
+        ]
         data = encoded if call.binary else [b64(e) for e in encoded]
         image_output = InferOutput("image", [n], "BYTES", data=data)
     seed_output = InferOutput("seed", [n], "INT64", data=[s for res in results for s in res.seeds])
