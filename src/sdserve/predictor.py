@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable
 
 import kserve
 from kserve import InferRequest
@@ -19,7 +19,7 @@ from kserve.errors import InvalidInput
 
 from . import metrics, model_store, storage
 from .engine import Engine, EngineSettings
-from .protocol import v1, v2
+from .protocol import openai_images, v1, v2
 from .request import Limits, RequestParser
 from .runner import PipelineRunner
 
@@ -97,16 +97,21 @@ class SDModel(kserve.Model):
         request_id = (headers or {}).get("x-request-id") or uuid.uuid4().hex
         if response_headers is not None:
             response_headers["x-request-id"] = request_id
-        protocol = "v2" if isinstance(payload, InferRequest) else "v1"
-        if isinstance(payload, InferRequest) and payload.from_grpc:
-            protocol = "grpc"
+        if not isinstance(payload, InferRequest):
+            return await self._tracked("v1", request_id, self._predict_v1(payload, request_id))
+        protocol = "grpc" if payload.from_grpc else "v2"
+        return await self._tracked(protocol, request_id, self._predict_v2(payload, request_id))
+
+    async def generate_openai(self, body: Any, request_id: str) -> dict:
+        """The OpenAI Images API route's work (the route itself lives in routes.py)."""
+        return await self._tracked("openai", request_id, self._predict_openai(body, request_id))
+
+    async def _tracked(self, protocol: str, request_id: str, work: Awaitable[Any]) -> Any:
+        """Count, time and log one request of any protocol."""
         metrics.REQUESTS.labels(protocol=protocol).inc()
         started = time.perf_counter()
         try:
-            if protocol == "v1":
-                response = await self._predict_v1(payload, request_id)
-            else:
-                response = await self._predict_v2(payload, request_id)
+            response = await work
         except InvalidInput as exc:
             metrics.FAILURES.labels(reason="invalid_input").inc()
             log.info("request %s rejected: %s", request_id, exc.reason)
@@ -126,3 +131,8 @@ class SDModel(kserve.Model):
         call = v2.parse_v2(payload, self.parser, request_id)
         results = await self.batch_engine.generate(call.requests, request_id)
         return await asyncio.to_thread(v2.encode_response, call, results, self.name)
+
+    async def _predict_openai(self, body: Any, request_id: str) -> dict:
+        request = openai_images.parse_openai(body, self.parser, self.name)
+        (result,) = await self.batch_engine.generate([request], request_id)
+        return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name)

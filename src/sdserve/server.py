@@ -53,6 +53,7 @@ def serve(config: ServerConfig) -> None:
     import kserve
     from kserve import model_server
 
+    from . import routes
     from .predictor import SDModel
 
     args = config.args
@@ -65,6 +66,7 @@ def serve(config: ServerConfig) -> None:
         log.error("cannot start: %s", exc)
         sys.exit(2)
     model_server.app.add_exception_handler(ServingError, serving_error_handler)
+    routes.register(model_server.app, model)
     server = kserve.ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
