@@ -1,6 +1,7 @@
 """``sdserve`` / ``python -m sdserve``: run the server, or a helper command.
 
     sdserve [server flags]                 serve the model under --model_dir
+    sdserve generate "prompt" -o out.png   make images, via a server (--url) or locally (--model_dir)
     sdserve tiny-model DIR [--kind KIND]   write a tiny random-weight model for tests and demos
 """
 
@@ -23,7 +24,13 @@ def tiny_model_main(argv: list[str]) -> None:
     print(f"wrote a tiny {args.kind} model to {path}")
 
 
-COMMANDS = {"tiny-model": tiny_model_main}
+def generate_main(argv: list[str]) -> None:
+    from .generate_cli import main as generate
+
+    generate(argv)
+
+
+COMMANDS = {"tiny-model": tiny_model_main, "generate": generate_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,120 @@
+"""``sdserve generate "prompt" -o out.png``: images from a terminal.
+
+Against a running server (``--url``, KServe v1 or the OpenAI route) or one-shot on this machine
+without a server (``--model_dir``, with a progress bar). Files are PNG (or JPEG/WebP by extension);
+PNGs carry the parameters that reproduce them, and several images get their seed in the name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+from typing import Any
+
+from .imaging import encode_image
+
+# flag -> generation field
+FLAGS = {
+    "negative_prompt": ("--negative_prompt", str),
+    "width": ("--width", int),
+    "height": ("--height", int),
+    "num_inference_steps": ("--steps", int),
+    "guidance_scale": ("--guidance", float),
+    "seed": ("--seed", int),
+    "num_images": ("--num_images", int),
+    "scheduler": ("--scheduler", str),
+    "refiner": ("--refiner", str),
+    "high_noise_frac": ("--high_noise_frac", float),
+    "refiner_strength": ("--refiner_strength", float),
+}
+EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdserve generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("prompt")
+    parser.add_argument("-o", "--output", default="out.png", help="file to write (.png, .jpg or .webp)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a running sdserve, e.g. http://localhost:8080 (the default)")
+    where.add_argument("--model_dir", help="generate here, without a server, from this model folder")
+    parser.add_argument("--api", choices=["v1", "openai"], default="v1", help="server route to call")
+    parser.add_argument("--model_name", default="sdxl", help="model name on the server")
+    parser.add_argument("--token", help="bearer token (e.g. `oc whoami -t` behind OpenShift AI's auth)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
+    for field, (flag, kind) in FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind, help=field)
+    local = parser.add_argument_group("local generation (--model_dir)")
+    local.add_argument("--refiner_dir")
+    local.add_argument("--device", default="auto")
+    local.add_argument("--dtype", default="auto")
+    return parser
+
+
+def output_paths(output: str, seeds: list[int]) -> list[Path]:
+    """``out.png`` for one image; ``out-<seed>.png`` for each of several."""
+    path = Path(output)
+    if len(seeds) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{seed}{path.suffix}") for seed in seeds]
+
+
+def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+    import httpx
+
+    url = (args.url or "http://localhost:8080").rstrip("/")
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    if args.api == "openai":
+        body = {"model": args.model_name, "prompt": args.prompt, "output_format": params.pop("format"), **params}
+        if "num_images" in body:
+            body["n"] = body.pop("num_images")
+        response = httpx.post(f"{url}/openai/v1/images/generations", json=body, headers=headers, timeout=args.timeout)
+        answer = response.json()
+        if response.status_code != 200:
+            raise SystemExit(f"error {response.status_code}: {answer['error']['message']}")
+        return [(base64.b64decode(item["b64_json"]), item["seed"]) for item in answer["data"]]
+    body = {"instances": [{"prompt": args.prompt, **params}]}
+    response = httpx.post(f"{url}/v1/models/{args.model_name}:predict", json=body, headers=headers, timeout=args.timeout)
+    answer = response.json()
+    if response.status_code != 200:
+        raise SystemExit(f"error {response.status_code}: {answer.get('error', answer)}")
+    return [(base64.b64decode(i["b64"]), i["seed"]) for i in answer["predictions"][0]["images"]]
+
+
+def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+    from kserve.errors import InvalidInput
+
+    from . import model_store
+    from .request import Limits, RequestParser
+    from .runner import PipelineRunner
+
+    device = model_store.resolve_device(args.device)
+    loaded = model_store.load(
+        model_store.discover(args.model_dir, args.refiner_dir), device, model_store.resolve_dtype(args.dtype, device)
+    )
+    for pipeline in (loaded.base, loaded.refiner):
+        if pipeline is not None:
+            pipeline.set_progress_bar_config(disable=False)
+    try:
+        request = RequestParser(Limits(), loaded.capabilities).parse({"prompt": args.prompt, **params})
+    except InvalidInput as exc:
+        raise SystemExit(f"error: {exc.reason}") from None
+    images = PipelineRunner(loaded, max_batch_images=request.num_images).run([request])[0]
+    name = Path(args.model_dir).name
+    return [
+        (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, name)), seed)
+        for img, seed in zip(images, request.seeds)
+    ]
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    params = {field: getattr(args, field) for field in FLAGS if getattr(args, field) is not None}
+    params["format"] = EXTENSIONS.get(Path(args.output).suffix.lower(), "png")
+    images = generate_local(args, params) if args.model_dir else generate_remote(args, params)
+    for (data, seed), path in zip(images, output_paths(args.output, [s for _, s in images])):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        print(f"wrote {path} (seed {seed})")
+    sys.stdout.flush()
