@@ -111,3 +111,35 @@ def test_sd_pipeline_generates_at_its_own_size(models):
     parser = RequestParser(Limits(), loaded.capabilities)
     image = PipelineRunner(loaded, 4).run([parser.parse({"prompt": "x", "num_inference_steps": 2, "width": 320})])[0][0]
     assert image.shape == (256, 320, 3)
+
+
+def test_out_of_memory_retries_in_halves_then_names_the_size(models):
+    from sdserve.errors import ImageTooLarge
+    from sdserve.faults import Faults
+
+    loaded = model_store.load(model_store.discover(models["sdxl"]), torch.device("cpu"), torch.float32)
+    parser = RequestParser(Limits(), loaded.capabilities)
+    # calls of more than two 256x256 images "run out of memory"
+    runner = PipelineRunner(loaded, max_batch_images=8, faults=Faults(oom_pixels=2 * 256 * 256))
+    req = parser.parse({"prompt": "x", "seed": 3, "num_images": 5, "num_inference_steps": 2})
+    images = runner.run([req])[0]
+    reference = PipelineRunner(loaded, max_batch_images=8, faults=Faults()).run([req])[0]
+    assert len(images) == 5 and all(max_diff(a, b) <= BATCH_TOLERANCE for a, b in zip(images, reference))
+    big = parser.parse({"prompt": "x", "width": 1024, "height": 512, "num_inference_steps": 2})
+    with pytest.raises(ImageTooLarge, match="one 1024x512 image"):
+        runner.run([big])
+
+
+def test_should_stop_interrupts_between_steps(sdxl):
+    from sdserve.errors import Interrupted
+
+    parser, runner = sdxl
+    polls = []
+
+    def stop_after_three():
+        polls.append(1)
+        return len(polls) >= 3
+
+    with pytest.raises(Interrupted):
+        runner.run([parser.parse({"prompt": "x", "num_inference_steps": 50})], stop_after_three)
+    assert len(polls) == 3

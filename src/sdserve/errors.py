@@ -60,3 +60,30 @@ class GenerationFailed(ServingError):
 
 async def serving_error_handler(_: Request, exc: ServingError) -> JSONResponse:
     return JSONResponse(status_code=exc.http_status, content={"error": str(exc)}, headers=exc.headers())
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before its images were done."""
+
+    http_status = 504
+    status_code = StatusCode.DEADLINE_EXCEEDED
+
+
+class ImageTooLarge(ServingError):
+    """Even one image of this size does not fit in accelerator memory. 507: retrying the same
+    request will not help, a smaller size or fewer refiner steps will."""
+
+    http_status = 507
+    status_code = StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthorized(ServingError):
+    http_status = 401
+    status_code = StatusCode.UNAUTHENTICATED
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Interrupted(Exception):
+    """Raised inside a pipeline call to stop denoising: every request of the batch is gone."""

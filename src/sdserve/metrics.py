@@ -19,3 +19,4 @@ REQUEST_SECONDS = Histogram(
 )
 REQUESTS = Counter("sdserve_requests", "Generation requests received", ["protocol"])
 FAILURES = Counter("sdserve_request_failures", "Requests that failed, by reason", ["reason"])
+OOM_RETRIES = Counter("sdserve_oom_retries", "Pipeline calls that ran out of memory and were retried in halves")
