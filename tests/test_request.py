@@ -135,8 +135,12 @@ def test_sdxl_only_fields_are_refused_for_sd_models():
             parse({"prompt": "x", name: value}, SD)
 
 
-def test_server_limits_cap_the_default_steps():
+def test_server_limits_cap_the_defaults():
     assert parse({"prompt": "x"}, SD, Limits(max_steps=20)).num_inference_steps == 20
+    small = parse({"prompt": "x"}, SDXL, Limits(max_side=768))
+    assert (small.width, small.height) == (768, 768)
+    budget = parse({"prompt": "x"}, SDXL, Limits(max_pixels=512 * 512))
+    assert (budget.width, budget.height) == (512, 512)
 
 
 def test_batch_key_groups_compatible_requests_only():

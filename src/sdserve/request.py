@@ -198,8 +198,9 @@ class RequestParser:
                         f"the loaded model is a {model.pipeline_class}"
                     )
 
-        width = v.dimension("width", model.default_width, lim, model.size_multiple)
-        height = v.dimension("height", model.default_height, lim, model.size_multiple)
+        default_width, default_height = _default_size(model, lim)
+        width = v.dimension("width", default_width, lim, model.size_multiple)
+        height = v.dimension("height", default_height, lim, model.size_multiple)
         if width * height > lim.max_pixels:
             raise InvalidInput(
                 f"{where}width x height: {width}x{height} = {width * height} pixels exceeds the "
@@ -399,6 +400,14 @@ class _Fields:
                 f"allowed: none"
             )
         return mode
+
+
+def _default_size(model: ModelCapabilities, limits: Limits) -> tuple[int, int]:
+    """The model's own size, shrunk (keeping its aspect) when the server's limits are tighter."""
+    width, height = model.default_width, model.default_height
+    scale = min(1.0, limits.max_side / max(width, height), math.sqrt(limits.max_pixels / (width * height)))
+    m = model.size_multiple
+    return max(m, int(width * scale) // m * m), max(m, int(height * scale) // m * m)
 
 
 def _as_number(value: Any) -> float | int | None:
