@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Awaitable
+from typing import Any
 
 import kserve
 from kserve import InferRequest
@@ -19,6 +20,8 @@ from kserve.errors import InvalidInput
 
 from . import metrics, model_store, storage
 from .engine import Engine, EngineSettings
+from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
+from .prompts import prompt_warnings
 from .protocol import openai_images, v1, v2
 from .request import Limits, RequestParser
 from .runner import PipelineRunner
@@ -36,18 +39,47 @@ class ModelSettings:
     download_dir: str | None = None  # where remote model locations are downloaded to
 
 
-class SDModel(kserve.Model):
-    """A text-to-image model served over KServe v1, v2 REST and v2 gRPC."""
+@dataclass(frozen=True)
+class Policy:
+    """How requests are admitted and bounded, and when the worker counts as stuck."""
 
-    def __init__(self, name: str, settings: ModelSettings, limits: Limits, engine_settings: EngineSettings):
+    request_timeout_s: float = 600.0
+    stuck_after_s: float = 600.0
+    api_key: str | None = None
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One admitted request: its id and how long it may take."""
+
+    request_id: str
+    timeout_s: float
+
+
+class SDModel(kserve.Model):
+    """A text-to-image model served over KServe v1, v2 REST and v2 gRPC (and the OpenAI route)."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: ModelSettings,
+        limits: Limits,
+        engine_settings: EngineSettings,
+        policy: Policy = Policy(),
+    ):
         super().__init__(name, return_response_headers=True)
         self.settings = settings
         self.limits = limits
         self.engine_settings = engine_settings
+        self.policy = policy
         self.loaded: model_store.LoadedModel | None = None
         self.parser: RequestParser | None = None
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
+        self.draining = False
 
     def load(self) -> bool:
         s = self.settings
@@ -74,13 +106,37 @@ class SDModel(kserve.Model):
         self.ready = True
         return self.ready
 
+    # -- lifecycle and health ----------------------------------------------------------------
     def stop(self) -> None:
         if self.batch_engine is not None:
             self.batch_engine.stop(timeout=30)
         self.ready = False
 
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting requests (503) and wait up to ``grace_s`` for queued and running ones."""
+        self.draining = True
+        if self.batch_engine is None:
+            return True
+        self.batch_engine.drain()
+        return await asyncio.to_thread(self.batch_engine.wait_idle, grace_s)
+
+    def worker_stuck(self) -> bool:
+        return self.batch_engine is not None and self.batch_engine.busy_seconds() > self.policy.stuck_after_s
+
+    def not_ready_reason(self) -> str | None:
+        """Why the model should get no traffic now, or None when it is ready."""
+        if not self.ready or self.batch_engine is None:
+            return "model not loaded"
+        if self.draining:
+            return "shutting down"
+        if not self.batch_engine.alive:
+            return "generation worker stopped"
+        if self.worker_stuck():
+            return f"generation worker stuck in one batch for over {self.policy.stuck_after_s:.0f} s"
+        return None
+
     async def healthy(self) -> bool:
-        return self.ready and self.batch_engine is not None and self.batch_engine.alive
+        return self.not_ready_reason() is None
 
     def get_input_types(self) -> list[dict]:
         return v2.INPUT_METADATA
@@ -88,51 +144,84 @@ class SDModel(kserve.Model):
     def get_output_types(self) -> list[dict]:
         return v2.OUTPUT_METADATA
 
+    # -- requests ------------------------------------------------------------------------------
     async def predict(
         self,
         payload: dict | InferRequest,
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> Any:
-        request_id = (headers or {}).get("x-request-id") or uuid.uuid4().hex
+        headers = headers or {}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
         if response_headers is not None:
             response_headers["x-request-id"] = request_id
         if not isinstance(payload, InferRequest):
-            return await self._tracked("v1", request_id, self._predict_v1(payload, request_id))
+            return await self._tracked("v1", headers, request_id, lambda call: self._predict_v1(payload, call))
         protocol = "grpc" if payload.from_grpc else "v2"
-        return await self._tracked(protocol, request_id, self._predict_v2(payload, request_id))
+        return await self._tracked(protocol, headers, request_id, lambda call: self._predict_v2(payload, call))
 
-    async def generate_openai(self, body: Any, request_id: str) -> dict:
+    async def generate_openai(self, body: Any, headers: dict[str, str], request_id: str) -> dict:
         """The OpenAI Images API route's work (the route itself lives in routes.py)."""
-        return await self._tracked("openai", request_id, self._predict_openai(body, request_id))
+        return await self._tracked("openai", headers, request_id, lambda call: self._predict_openai(body, call))
 
-    async def _tracked(self, protocol: str, request_id: str, work: Awaitable[Any]) -> Any:
-        """Count, time and log one request of any protocol."""
+    def _admit(self, headers: dict[str, str], request_id: str) -> Call:
+        """Check the bearer token and work out the deadline, before any work."""
+        key = self.policy.api_key
+        if key is not None:
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <key>)")
+        timeout = self.policy.request_timeout_s
+        if TIMEOUT_HEADER in headers:
+            try:
+                timeout = float(headers[TIMEOUT_HEADER])
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout <= 86400:  # NaN fails this too
+                raise InvalidInput(f"{TIMEOUT_HEADER} header: must be seconds in (0, 86400], got {headers[TIMEOUT_HEADER]!r}")
+        return Call(request_id, timeout)
+
+    async def _tracked(self, protocol: str, headers: dict[str, str], request_id: str, work) -> Any:
+        """Admit, count, time and log one request of any protocol; ``work(call)`` does the rest."""
         metrics.REQUESTS.labels(protocol=protocol).inc()
         started = time.perf_counter()
         try:
-            response = await work
+            response = await work(self._admit(headers, request_id))
         except InvalidInput as exc:
             metrics.FAILURES.labels(reason="invalid_input").inc()
             log.info("request %s rejected: %s", request_id, exc.reason)
             raise
+        except Unauthorized:
+            metrics.FAILURES.labels(reason="unauthorized").inc()
+            log.info("request %s rejected: no valid bearer token", request_id)
+            raise
+        except (DeadlineExceeded, ImageTooLarge, ShuttingDown, QueueFull) as exc:
+            log.info("request %s: %s", request_id, exc)
+            raise
         metrics.REQUEST_SECONDS.labels(protocol=protocol).observe(time.perf_counter() - started)
         return response
 
-    async def _predict_v1(self, payload: Any, request_id: str) -> dict:
+    def _warnings(self, requests) -> list[list[str]]:
+        return [prompt_warnings(self.loaded.base, r) for r in requests]
+
+    async def _predict_v1(self, payload: Any, call: Call) -> dict:
         requests = v1.parse_v1(payload, self.parser)
-        results = await self.batch_engine.generate(requests, request_id)
+        warnings = self._warnings(requests)
+        results = await self.batch_engine.generate(requests, call.request_id, call.timeout_s)
         predictions = await asyncio.to_thread(
-            lambda: [v1.encode_prediction(r, res, self.name) for r, res in zip(requests, results)]
+            lambda: [v1.encode_prediction(*args, self.name) for args in zip(requests, results, warnings)]
         )
         return {"predictions": predictions}
 
-    async def _predict_v2(self, payload: InferRequest, request_id: str):
-        call = v2.parse_v2(payload, self.parser, request_id)
-        results = await self.batch_engine.generate(call.requests, request_id)
-        return await asyncio.to_thread(v2.encode_response, call, results, self.name)
+    async def _predict_v2(self, payload: InferRequest, call: Call):
+        parsed = v2.parse_v2(payload, self.parser, call.request_id)
+        warnings = [w for ws in self._warnings(parsed.requests) for w in ws]
+        results = await self.batch_engine.generate(parsed.requests, call.request_id, call.timeout_s)
+        return await asyncio.to_thread(v2.encode_response, parsed, results, self.name, warnings)
 
-    async def _predict_openai(self, body: Any, request_id: str) -> dict:
+    async def _predict_openai(self, body: Any, call: Call) -> dict:
         request = openai_images.parse_openai(body, self.parser, self.name)
-        (result,) = await self.batch_engine.generate([request], request_id)
-        return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name)
+        (warnings,) = self._warnings([request])
+        (result,) = await self.batch_engine.generate([request], call.request_id, call.timeout_s)
+        return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name, warnings)

@@ -1,6 +1,7 @@
-"""Routes sdserve adds to KServe's FastAPI app: the OpenAI Images API and the playground page.
+"""Routes sdserve adds to KServe's FastAPI app: the OpenAI Images API, the playground page, and
+health checks that know about draining and a stuck worker.
 
-KServe has no image route of its own; these share its app, port, middleware and metrics.
+Registered before KServe's own routes, so for the two health paths these are the ones that answer.
 """
 
 from __future__ import annotations
@@ -32,10 +33,8 @@ def register(app: FastAPI, model: SDModel) -> None:
             body = await request.json()
         except ValueError as exc:
             return JSONResponse(error_body(f"request body is not valid JSON: {exc}", "invalid_request_error"), 400, headers)
-        if not model.ready:
-            return JSONResponse(error_body("model is not ready", "server_error"), 503, headers)
         try:
-            response = await model.generate_openai(body, request_id)
+            response = await model.generate_openai(body, dict(request.headers), request_id)
         except InvalidInput as exc:
             return JSONResponse(error_body(exc.reason, "invalid_request_error"), 400, headers)
         except ModelNotServed as exc:
@@ -44,6 +43,20 @@ def register(app: FastAPI, model: SDModel) -> None:
             kind = "server_error"
             return JSONResponse(error_body(str(exc), kind), exc.http_status, {**headers, **exc.headers()})
         return JSONResponse(response, headers=headers)
+
+    @router.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        reason = model.not_ready_reason()
+        if reason is None:
+            return JSONResponse({"ready": True})
+        return JSONResponse({"ready": False, "reason": reason}, 503)
+
+    @router.get("/v2/health/live")
+    async def live() -> JSONResponse:
+        # Cheap on purpose; fails only when the worker is wedged, so Kubernetes restarts the pod.
+        if model.worker_stuck():
+            return JSONResponse({"live": False, "reason": model.not_ready_reason()}, 503)
+        return JSONResponse({"live": True})
 
     @router.get(f"{OPENAI_PREFIX}/models")
     async def list_models() -> dict:

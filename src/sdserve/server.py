@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
 
 from .errors import ServingError, serving_error_handler
+from .middleware import RequestGuard
 from .model_store import ModelStoreError
 from .settings import ServerConfig
 
@@ -49,6 +53,36 @@ def _sync_kserve_args(args) -> None:
             setattr(model_server.args, key, value)
 
 
+def drain_on_sigterm(app, model, grace_s: float) -> None:
+    """On SIGTERM, before uvicorn stops accepting connections: turn readiness false, answer new
+    requests 503, let queued and running ones finish (up to ``grace_s``), then let the usual
+    shutdown run. Installed from the app's lifespan, i.e. after uvicorn set its own handlers."""
+    original_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_):
+        loop = asyncio.get_running_loop()
+        uvicorn_handler = signal.getsignal(signal.SIGTERM)
+        draining: list[asyncio.Task] = []
+
+        async def drain_then_exit(signum: int) -> None:
+            log.info("SIGTERM: draining (up to %.0f s): not ready, new requests get 503", grace_s)
+            finished = await model.drain(grace_s)
+            log.info("drained%s; shutting down", "" if finished else " partly (grace period over)")
+            if callable(uvicorn_handler):
+                uvicorn_handler(signum, None)
+
+        def on_sigterm(signum, frame) -> None:
+            if not draining:  # a second SIGTERM changes nothing
+                draining.append(loop.create_task(drain_then_exit(signum)))
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: loop.call_soon_threadsafe(on_sigterm, signum, frame))
+        async with original_lifespan(app_) as state:
+            yield state
+
+    app.router.lifespan_context = lifespan
+
+
 def serve(config: ServerConfig) -> None:
     import kserve
     from kserve import model_server
@@ -59,14 +93,17 @@ def serve(config: ServerConfig) -> None:
     args = config.args
     configure_logging(args)
     _sync_kserve_args(args)
-    model = SDModel(args.model_name, config.model, config.limits, config.engine)
+    model = SDModel(args.model_name, config.model, config.limits, config.engine, config.policy)
     try:
         model.load()  # once, before any port opens: readiness means "can generate"
     except ModelStoreError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
-    model_server.app.add_exception_handler(ServingError, serving_error_handler)
-    routes.register(model_server.app, model)
+    app = model_server.app
+    app.add_exception_handler(ServingError, serving_error_handler)
+    app.add_middleware(RequestGuard, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after)
+    routes.register(app, model)
+    drain_on_sigterm(app, model, args.grace_period)
     server = kserve.ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -79,5 +116,6 @@ def serve(config: ServerConfig) -> None:
         access_log_format=args.access_log_format,
         event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive,
+        grace_period=int(args.grace_period),
     )
     server.start([model])

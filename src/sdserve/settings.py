@@ -4,10 +4,11 @@ with underscores like KServe's. Nothing here runs at import time."""
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from .engine import EngineSettings
-from .predictor import ModelSettings
+from .predictor import ModelSettings, Policy
 from .request import Limits
 
 # Several 1024x1024 images (PNG ~1.5 MB, raw tensor 3 MB each) exceed gRPC's 8 MiB default.
@@ -62,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
                           help="requests that may wait; beyond this the server answers 503 with Retry-After")
     batching.add_argument("--retry_after", type=int, default=engine.retry_after_s,
                           help="seconds suggested in Retry-After when the queue is full")
+
+    robustness = parser.add_argument_group("deadlines, shutdown, health, access")
+    policy = Policy()
+    robustness.add_argument("--request_timeout", type=float, default=policy.request_timeout_s,
+                            help="seconds a request may take, queueing included (header x-request-timeout "
+                            "overrides it per request); past it the answer is 504 and denoising stops")
+    robustness.add_argument("--grace_period", type=float, default=30,
+                            help="on SIGTERM: seconds to finish queued and running requests before exiting")
+    robustness.add_argument("--stuck_after", type=float, default=policy.stuck_after_s,
+                            help="a batch running longer than this marks the server not ready and not live, "
+                            "so Kubernetes restarts it")
+    robustness.add_argument("--max_body_bytes", type=int, default=1024 * 1024, help="largest request body (413 above)")
+    robustness.add_argument("--api_key", default=os.environ.get("SDSERVE_API_KEY"),
+                            help="require 'Authorization: Bearer <key>' on generation requests "
+                            "(default: $SDSERVE_API_KEY; health and metrics stay open)")
     return parser
 
 
@@ -73,6 +89,7 @@ class ServerConfig:
     model: ModelSettings
     limits: Limits
     engine: EngineSettings
+    policy: Policy
 
 
 def load_config(argv: list[str] | None = None) -> ServerConfig:
@@ -81,6 +98,9 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: one process owns the GPU; scale with replicas instead")
+    for flag in ("request_timeout", "grace_period", "stuck_after", "max_body_bytes"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be greater than 0")
     if args.default_steps is not None and not 1 <= args.default_steps <= args.max_steps:
         parser.error(f"--default_steps must be from 1 to --max_steps ({args.max_steps})")
     try:
@@ -106,6 +126,11 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                 max_wait_ms=args.max_batch_wait_ms,
                 max_queue=args.max_queue,
                 retry_after_s=args.retry_after,
+            ),
+            policy=Policy(
+                request_timeout_s=args.request_timeout,
+                stuck_after_s=args.stuck_after,
+                api_key=args.api_key or None,
             ),
         )
     except ValueError as exc:

@@ -48,7 +48,7 @@ def parse_openai(body: Any, parser: RequestParser, model_name: str) -> Generatio
         raise InvalidInput("stream: streaming image generation is not supported; leave stream unset or false")
     if values.pop("partial_images", 0):
         raise InvalidInput("partial_images: partial images are not supported; leave it unset or 0")
-    if values.pop("background", None) == "transparent":
+    if values.pop("background", None) == "transparent":  # (any other value is harmless here)
         raise InvalidInput("background: 'transparent' is not supported; allowed: auto, opaque")
     for name in IGNORED:
         values.pop(name, None)
@@ -71,7 +71,7 @@ def parse_openai(body: Any, parser: RequestParser, model_name: str) -> Generatio
         mapped["quality"] = values["output_compression"]
     quality = values.get("quality")
     if quality is not None and "num_inference_steps" not in mapped:
-        if quality not in QUALITY_STEPS:
+        if not isinstance(quality, str) or quality not in QUALITY_STEPS:
             raise InvalidInput(f"quality: must be one of {', '.join(QUALITY_STEPS)}, got {quality!r}")
         default = min(parser.model.default_steps, parser.limits.max_steps)
         mapped["num_inference_steps"] = max(1, min(parser.limits.max_steps, round(default * QUALITY_STEPS[quality])))
@@ -87,7 +87,9 @@ def _size(size: Any) -> dict[str, Any]:
     return {"width": width, "height": height}
 
 
-def encode_openai(request: GenerationRequest, result: GenerationResult, model_name: str) -> dict[str, Any]:
+def encode_openai(
+    request: GenerationRequest, result: GenerationResult, model_name: str, warnings: list[str] | None = None
+) -> dict[str, Any]:
     """The ImagesResponse body (runs image encoding: call it off the event loop)."""
     data = [
         {
@@ -97,12 +99,15 @@ def encode_openai(request: GenerationRequest, result: GenerationResult, model_na
         }
         for img, seed in zip(result.images, result.seeds)
     ]
-    return {
+    body = {
         "created": int(time.time()),
         "data": data,
         "output_format": request.image_format,
         "size": f"{request.width}x{request.height}",
     }
+    if warnings:
+        body["warnings"] = warnings
+    return body
 
 
 def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:

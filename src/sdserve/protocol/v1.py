@@ -69,7 +69,9 @@ def _check_total_images(requests: list[GenerationRequest], limits: Limits) -> No
         )
 
 
-def encode_prediction(request: GenerationRequest, result: GenerationResult, model_name: str) -> dict[str, Any]:
+def encode_prediction(
+    request: GenerationRequest, result: GenerationResult, warnings: list[str], model_name: str
+) -> dict[str, Any]:
     """A v1 prediction for one instance (runs image encoding: call it off the event loop)."""
     fmt = request.image_format
     images = [
@@ -80,7 +82,7 @@ def encode_prediction(request: GenerationRequest, result: GenerationResult, mode
         }
         for image, seed in zip(result.images, result.seeds)
     ]
-    return {
+    prediction = {
         "image": images[0],
         "images": images,
         "model_name": model_name,
@@ -92,3 +94,6 @@ def encode_prediction(request: GenerationRequest, result: GenerationResult, mode
             "batch_images": result.batch_images,
         },
     }
+    if warnings:
+        prediction["warnings"] = warnings
+    return prediction

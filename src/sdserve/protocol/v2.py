@@ -179,7 +179,9 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
     return V2Call(requests, output_format, request.id or request_id, requested, image_binary, raw_outputs)
 
 
-def encode_response(call: V2Call, results: list[GenerationResult], model_name: str) -> InferResponse:
+def encode_response(
+    call: V2Call, results: list[GenerationResult], model_name: str, warnings: list[str] | None = None
+) -> InferResponse:
     """Build the v2 response (runs image encoding: call it off the event loop)."""
     images = [(img, r, seed) for r, res in zip(call.requests, results) for img, seed in zip(res.images, res.seeds)]
     n = len(images)
@@ -207,4 +209,5 @@ def encode_response(call: V2Call, results: list[GenerationResult], model_name: s
         infer_outputs=outputs,
         use_binary_outputs=call.raw_outputs,
         requested_outputs=call.requested,
+        parameters={"warnings": "; ".join(warnings)} if warnings else None,
     )
