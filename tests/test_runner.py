@@ -143,3 +143,28 @@ def test_should_stop_interrupts_between_steps(sdxl):
     with pytest.raises(Interrupted):
         runner.run([parser.parse({"prompt": "x", "num_inference_steps": 50})], stop_after_three)
     assert len(polls) == 3
+
+
+def test_counting_tokens_on_another_thread_does_not_disturb_generation(sdxl):
+    """Fast tokenizers keep truncation/padding state per object: counting must use copies."""
+    import threading
+
+    from sdserve.prompts import counting_tokenizers, prompt_warnings
+
+    parser, runner = sdxl
+    tokenizers = counting_tokenizers(runner.model.base)
+    long_request = parser.parse({"prompt": "word " * 200})
+    stop = threading.Event()
+
+    def count_forever():
+        while not stop.is_set():
+            assert prompt_warnings(tokenizers, long_request)
+
+    counter = threading.Thread(target=count_forever)
+    counter.start()
+    try:
+        for seed in range(6):
+            runner.run([parser.parse({"prompt": "a short prompt", "num_inference_steps": 1, "refiner": "none", "seed": seed})])
+    finally:
+        stop.set()
+        counter.join()

@@ -21,7 +21,7 @@ from kserve.errors import InvalidInput
 from . import metrics, model_store, storage
 from .engine import Engine, EngineSettings
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
-from .prompts import prompt_warnings
+from .prompts import counting_tokenizers, prompt_warnings
 from .protocol import openai_images, v1, v2
 from .request import Limits, RequestParser
 from .runner import PipelineRunner
@@ -77,6 +77,7 @@ class SDModel(kserve.Model):
         self.policy = policy
         self.loaded: model_store.LoadedModel | None = None
         self.parser: RequestParser | None = None
+        self.tokenizers: dict = {}
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
@@ -91,6 +92,7 @@ class SDModel(kserve.Model):
         started = time.perf_counter()
         self.loaded = model_store.load(layout, device, dtype, s.default_steps)
         self.parser = RequestParser(self.limits, self.loaded.capabilities)
+        self.tokenizers = counting_tokenizers(self.loaded.base)
         runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images)
         self.batch_engine = Engine(runner.run, self.engine_settings)
         self.batch_engine.start()
@@ -203,7 +205,7 @@ class SDModel(kserve.Model):
         return response
 
     def _warnings(self, requests) -> list[list[str]]:
-        return [prompt_warnings(self.loaded.base, r) for r in requests]
+        return [prompt_warnings(self.tokenizers, r) for r in requests]
 
     async def _predict_v1(self, payload: Any, call: Call) -> dict:
         requests = v1.parse_v1(payload, self.parser)

@@ -7,16 +7,25 @@ no effect.
 
 from __future__ import annotations
 
+import copy
+
 from .request import GenerationRequest
 
 
-def prompt_warnings(pipeline, request: GenerationRequest) -> list[str]:
+def counting_tokenizers(pipeline) -> dict:
+    """Private copies of the pipeline's tokenizers. A fast tokenizer keeps its truncation and
+    padding settings in shared state that every call rewrites, so counting tokens on the request
+    thread with the pipeline's own objects would race with the worker's prompt encoding."""
+    return {name: copy.deepcopy(tok) for name in ("tokenizer", "tokenizer_2") if (tok := getattr(pipeline, name, None))}
+
+
+def prompt_warnings(tokenizers: dict, request: GenerationRequest) -> list[str]:
     """One warning per prompt field that the tokenizer will truncate."""
     checks = [("prompt", request.prompt, "tokenizer"), ("negative_prompt", request.negative_prompt, "tokenizer"),
               ("prompt_2", request.prompt_2, "tokenizer_2"), ("negative_prompt_2", request.negative_prompt_2, "tokenizer_2")]
     warnings = []
     for field, text, tokenizer_name in checks:
-        tokenizer = getattr(pipeline, tokenizer_name, None) or getattr(pipeline, "tokenizer_2", None)
+        tokenizer = tokenizers.get(tokenizer_name) or tokenizers.get("tokenizer_2")
         if not text or tokenizer is None:
             continue
         count = len(tokenizer(text, truncation=False, verbose=False).input_ids)
