@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test container-test clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP) $(DEMO_MODEL)/base/model_index.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Builds the Containerfile with podman (CPU torch, local Debian base image) and checks that the
+# image serves a tiny model as an arbitrary UID with /mnt/models read-only. Needs root.
+container-test: $(STAMP)
+	scripts/container-smoke-test.sh
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
