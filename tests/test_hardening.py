@@ -104,6 +104,15 @@ def test_bearer_token_for_openai_sdk_and_grpc(guarded):
     assert asyncio.run(call("s3cret-key-123")).outputs[1].name == "seed"
 
 
+def test_malformed_v2_bodies_name_the_field(guarded):
+    auth = {"Authorization": "Bearer s3cret-key-123", "content-type": "application/json"}
+    r = httpx.post(f"{guarded.url}/v2/models/guarded/infer", content='{"prompt": Infinity}', headers=auth)
+    assert r.status_code == 422 and "inputs: Field required" in r.json()["error"]
+    r = httpx.post(f"{guarded.url}/v2/models/guarded/infer", headers=auth,
+                   content='{"inputs": [{"name": "prompt", "shape": [1], "datatype": 7, "data": ["x"]}]}')
+    assert r.status_code == 422 and "inputs.0.datatype: Input should be a valid string" in r.json()["error"]
+
+
 def test_body_size_limit(guarded):
     r = guarded.predict({"instances": [{"prompt": "x" * 5000}]}, headers={"Authorization": "Bearer s3cret-key-123"})
     assert r.status_code == 413 and "over the limit of 4096 bytes" in r.json()["error"]

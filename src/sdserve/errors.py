@@ -87,3 +87,13 @@ class Unauthorized(ServingError):
 
 class Interrupted(Exception):
     """Raised inside a pipeline call to stop denoising: every request of the batch is gone."""
+
+
+async def request_validation_handler(_: Request, exc) -> JSONResponse:
+    """FastAPI's default answer echoes the offending input, and fails (500) when that input is
+    NaN or infinity; this one names the fields without echoing values."""
+    problems = [
+        f"{'.'.join(str(p) for p in error['loc'] if p != 'body') or 'body'}: {error['msg']}"
+        for error in exc.errors()[:5]
+    ]
+    return JSONResponse(status_code=422, content={"error": "invalid request: " + "; ".join(problems)})

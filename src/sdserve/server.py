@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 
-from .errors import ServingError, serving_error_handler
+from fastapi.exceptions import RequestValidationError
+
+from .errors import ServingError, request_validation_handler, serving_error_handler
 from .middleware import RequestGuard
 from .model_store import ModelStoreError
 from .settings import ServerConfig
@@ -101,6 +103,7 @@ def serve(config: ServerConfig) -> None:
         sys.exit(2)
     app = model_server.app
     app.add_exception_handler(ServingError, serving_error_handler)
+    app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_middleware(RequestGuard, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after)
     routes.register(app, model)
     drain_on_sigterm(app, model, args.grace_period)
