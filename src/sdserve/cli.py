@@ -17,10 +17,13 @@ def tiny_model_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="sdserve tiny-model", description=write_tiny_model.__doc__)
     parser.add_argument("dest", help="folder to write the model to")
     parser.add_argument("--kind", choices=KINDS, default="sdxl-refiner",
-                        help="sdxl-refiner: DIR/base + DIR/refiner; sdxl: one SDXL folder; sd: an SD 2.x-style folder")
+                        help="sdxl-refiner: DIR/base + DIR/refiner; sdxl: one SDXL folder; sd: an SD 2.x-style "
+                        "folder; sd3: an SD3 folder; sd-single-file: DIR/model.safetensors + DIR/config/")
+    parser.add_argument("--loras", default="", help="comma-separated names of tiny LoRA adapters to add under DIR/loras/")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
-    path = write_tiny_model(args.dest, args.kind, args.seed)
+    loras = tuple(name for name in args.loras.split(",") if name)
+    path = write_tiny_model(args.dest, args.kind, args.seed, loras)
     print(f"wrote a tiny {args.kind} model to {path}")
 
 

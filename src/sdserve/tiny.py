@@ -7,6 +7,9 @@ weights are random, only the machinery is real.
     sdserve tiny-model DIR --kind sdxl-refiner   # DIR/base + DIR/refiner
     sdserve tiny-model DIR --kind sdxl           # DIR is one diffusers folder
     sdserve tiny-model DIR --kind sd             # an SD 2.x-style folder
+    sdserve tiny-model DIR --kind sd3            # StableDiffusion3Pipeline with a tiny T5
+    sdserve tiny-model DIR --kind sd-single-file # DIR/model.safetensors (original layout) + DIR/config/
+    sdserve tiny-model DIR --loras trex,pixel    # also DIR/loras/<name>/pytorch_lora_weights.safetensors
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("sdxl", "sdxl-refiner", "sd")
+KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd-single-file")
 
 # A few words to learn BPE merges from, so the tokenizer is a real (if small) CLIP BPE.
 _CORPUS = """
@@ -221,6 +224,170 @@ def build_sd(scratch: Path, seed: int = 0):
     )
 
 
+def _t5_tokenizer():
+    """A small T5 (Unigram, SentencePiece-style) tokenizer built from the corpus's words."""
+    from transformers import T5Tokenizer
+
+    words = sorted(set(_CORPUS.lower().replace(",", " ").split()))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in words]
+    pieces += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)] + [(str(d), -5.0) for d in range(10)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def build_sd3(scratch: Path, seed: int = 0):
+    """A tiny StableDiffusion3Pipeline: MMDiT transformer, two CLIP encoders and a T5 encoder."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(scratch / "tok1", "<|endoftext|>")
+    tokenizer_2 = _tokenizer(scratch / "tok2", "!")
+    tokenizer_3 = _t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_layers=2,
+                                 num_heads=4, pad_token_id=0, eos_token_id=1))
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=96,
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(
+            block_out_channels=[8, 8, 16, 16], layers_per_block=1, in_channels=3, out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+            latent_channels=16, norm_num_groups=8, sample_size=256, use_quant_conv=False,
+            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        ),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, projection=True)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, projection=True)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def write_lora(pipeline, dest: Path, seed: int) -> Path:
+    """A small random LoRA on the denoiser's attention projections, made with peft and saved in
+    the diffusers LoRA format (``pytorch_lora_weights.safetensors``), as diffusers' DreamBooth
+    LoRA training scripts save it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    torch.manual_seed(seed)
+    denoiser_name = "transformer" if hasattr(pipeline, "transformer") else "unet"
+    denoiser = getattr(pipeline, denoiser_name)
+    # init_lora_weights=False: random, non-zero LoRA so that it visibly changes images
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="tiny")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name="tiny"))
+    denoiser.delete_adapters("tiny")
+    type(pipeline).save_lora_weights(dest, safe_serialization=True, **{f"{denoiser_name}_lora_layers": layers})
+    return dest
+
+
+def _ldm_unet(unet) -> dict:
+    """A diffusers UNet state dict in the original (LDM) layout: the inverse of diffusers'
+    ``convert_ldm_unet_checkpoint`` for SD-style UNets."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    renames = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+               ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+    per_level = unet.config.layers_per_block + 1
+    top = {v: k for k, v in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
+    out = {}
+    for key, value in unet.state_dict().items():
+        parts = key.split(".")
+        if key in {d for d in top.values()}:
+            new = next(ldm for ldm, d in top.items() if d == key)
+        elif parts[0] in ("down_blocks", "up_blocks", "mid_block"):
+            if parts[0] == "mid_block":
+                index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
+                head, rest = f"middle_block.{index}", parts[3:]
+                kind = parts[1]
+            else:
+                level, kind = int(parts[1]), parts[2]
+                blocks = "input_blocks" if parts[0] == "down_blocks" else "output_blocks"
+                if kind in ("downsamplers", "upsamplers"):
+                    if kind == "downsamplers":
+                        head, rest = f"input_blocks.{(level + 1) * per_level}.0.op", parts[5:]
+                    else:
+                        has_attention = hasattr(unet.up_blocks[level], "attentions")
+                        head = f"output_blocks.{level * per_level + per_level - 1}.{2 if has_attention else 1}.conv"
+                        rest = parts[5:]
+                    out[f"model.diffusion_model.{head}.{'.'.join(rest)}"] = value
+                    continue
+                offset = 1 if parts[0] == "down_blocks" else 0
+                index = offset + level * per_level + int(parts[3])
+                head, rest = f"{blocks}.{index}.{0 if kind == 'resnets' else 1}", parts[4:]
+            tail = ".".join(rest)
+            if kind == "resnets":
+                for diffusers_name, ldm_name in renames:
+                    tail = tail.replace(diffusers_name, ldm_name)
+            new = f"{head}.{tail}"
+        else:
+            raise ValueError(f"no original-layout name for UNet weight {key}")
+        out[f"model.diffusion_model.{new}"] = value
+    return out
+
+
+def _ldm_vae(vae) -> dict:
+    """The inverse of diffusers' ``convert_ldm_vae_checkpoint``."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    attention = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+    levels = len(vae.config.up_block_types)
+    out = {}
+    for key, value in vae.state_dict().items():
+        parts = key.split(".")
+        if key in top:
+            new = top[key]
+        elif parts[1] in ("down_blocks", "up_blocks"):
+            level = int(parts[2]) if parts[1] == "down_blocks" else levels - 1 - int(parts[2])
+            side = "down" if parts[1] == "down_blocks" else "up"
+            if parts[3] == "resnets":
+                new = f"{parts[0]}.{side}.{level}.block.{'.'.join(parts[4:])}".replace("conv_shortcut", "nin_shortcut")
+            else:  # downsamplers.0.conv / upsamplers.0.conv
+                new = f"{parts[0]}.{side}.{level}.{'downsample' if side == 'down' else 'upsample'}.{'.'.join(parts[5:])}"
+        elif parts[1] == "mid_block" and parts[2] == "resnets":
+            new = f"{parts[0]}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}".replace("conv_shortcut", "nin_shortcut")
+        elif parts[1] == "mid_block" and parts[2] == "attentions":
+            tail = ".".join(parts[4:])
+            for diffusers_name, ldm_name in attention:
+                tail = tail.replace(diffusers_name, ldm_name)
+            new = f"{parts[0]}.mid.attn_1.{tail}"
+            if value.ndim == 2:  # the original attention uses 1x1 convolutions
+                value = value[:, :, None, None]
+        else:
+            raise ValueError(f"no original-layout name for VAE weight {key}")
+        out[f"first_stage_model.{new}"] = value
+    return out
+
+
+def write_single_file(pipeline, dest: Path) -> Path:
+    """Save an SD-style pipeline as one original-layout ``.safetensors`` (UNet, VAE, CLIP text
+    encoder, as A1111-style checkpoints are) plus the diffusers configs it needs, without weights."""
+    from safetensors.torch import save_file
+
+    weights = {**_ldm_unet(pipeline.unet), **_ldm_vae(pipeline.vae)}
+    # original checkpoints name CLIP's weights text_model.*; newer transformers drop that level
+    weights.update({
+        f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
+        for k, v in pipeline.text_encoder.state_dict().items()
+    })
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
+    config = dest / "config"
+    _save(pipeline, config)
+    for weights_file in config.glob("*/*.safetensors"):
+        weights_file.unlink()  # the config folder holds configs and tokenizers only
+    return dest / "model.safetensors"
+
+
 def _save(pipeline, dest: Path) -> None:
     """save_pretrained, with tokenizers stored as vocab.json + merges.txt as in the SDXL repos
     (so loading goes through the same files a real model has)."""
@@ -232,16 +399,21 @@ def _save(pipeline, dest: Path) -> None:
             write_clip_tokenizer_files(folder)
 
 
-def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0) -> Path:
-    """Build a tiny model of ``kind`` and save it under ``dest`` in a layout sdserve serves."""
+def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0, loras: tuple[str, ...] = ()) -> Path:
+    """Build a tiny model of ``kind`` and save it under ``dest`` in a layout sdserve serves;
+    each name in ``loras`` adds ``dest/loras/<name>/``."""
     import tempfile
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     dest = Path(dest)
     with tempfile.TemporaryDirectory() as scratch:
-        if kind == "sd":
-            _save(build_sd(Path(scratch), seed), dest)
+        if kind in ("sd", "sd-single-file"):
+            base = build_sd(Path(scratch), seed)
+            write_single_file(base, dest) if kind == "sd-single-file" else _save(base, dest)
+        elif kind == "sd3":
+            base = build_sd3(Path(scratch), seed)
+            _save(base, dest)
         elif kind == "sdxl":
             base, _ = build_sdxl(Path(scratch), seed=seed)
             _save(base, dest)
@@ -249,4 +421,6 @@ def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0
             base, refiner = build_sdxl(Path(scratch), with_refiner=True, seed=seed)
             _save(base, dest / "base")
             _save(refiner, dest / "refiner")
+        for i, name in enumerate(loras):
+            write_lora(base, dest / "loras" / name, seed=seed + 1 + i)
     return dest
