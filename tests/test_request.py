@@ -7,9 +7,11 @@ from kserve.errors import InvalidInput
 
 from sdserve.request import MAX_SEED, GenerationRequest, Limits, ModelCapabilities, RefinerMode, RequestParser
 
-SDXL = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, is_sdxl=True, has_refiner=True)
-SDXL_NO_REFINER = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, is_sdxl=True, has_refiner=False)
-SD = ModelCapabilities("StableDiffusionPipeline", 768, 768, 50, 7.5, is_sdxl=False, has_refiner=False)
+SDXL = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl", has_refiner=True)
+SDXL_NO_REFINER = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl")
+SD = ModelCapabilities("StableDiffusionPipeline", 768, 768, 50, 7.5, family="sd")
+SD3 = ModelCapabilities("StableDiffusion3Pipeline", 1024, 1024, 28, 7.0, family="sd3",
+                        scheduler_class="FlowMatchEulerDiscreteScheduler", has_t5=True)
 
 
 def parse(values, model=SDXL, limits=Limits()) -> GenerationRequest:
@@ -123,16 +125,57 @@ def test_refiner_settings_that_leave_no_step_are_rejected():
 def test_schedulers_that_need_more_steps_say_so():
     with pytest.raises(InvalidInput, match="num_inference_steps: the PNDM scheduler needs at least 4 steps, got 3"):
         parse({"prompt": "x", "scheduler": "pndm", "num_inference_steps": 3})
-    sd15 = ModelCapabilities("StableDiffusionPipeline", 512, 512, 50, 7.5, False, False, scheduler_class="PNDMScheduler")
+    sd15 = ModelCapabilities("StableDiffusionPipeline", 512, 512, 50, 7.5, "sd", scheduler_class="PNDMScheduler")
     with pytest.raises(InvalidInput, match="the PNDMScheduler scheduler needs at least 4 steps"):
         parse({"prompt": "x", "num_inference_steps": 2}, sd15)
     assert parse({"prompt": "x", "num_inference_steps": 2, "scheduler": "Euler"}, sd15).num_inference_steps == 2
 
 
-def test_sdxl_only_fields_are_refused_for_sd_models():
-    for name, value in [("prompt_2", "y"), ("original_size", [512, 512]), ("negative_prompt_2", "z")]:
-        with pytest.raises(InvalidInput, match=f"{name}: only SDXL models accept this field"):
+def test_fields_of_other_model_families_are_refused():
+    for name, value, who in [("prompt_2", "y", "SDXL and SD3"), ("original_size", [512, 512], "SDXL"),
+                             ("negative_prompt_2", "z", "SDXL and SD3"), ("prompt_3", "t5", "SD3")]:
+        with pytest.raises(InvalidInput, match=f"{name}: only {who} models accept this field"):
             parse({"prompt": "x", name: value}, SD)
+    with pytest.raises(InvalidInput, match="crops_coords_top_left: only SDXL models accept this field; the loaded model is a StableDiffusion3Pipeline"):
+        parse({"prompt": "x", "crops_coords_top_left": [0, 0]}, SD3)
+    r = parse({"prompt": "x", "prompt_3": "long t5 prompt", "negative_prompt_3": "blur"}, SD3)
+    assert r.prompt_3 == "long t5 prompt" and r.negative_prompt == ""  # so the T5 negative counts
+    no_t5 = ModelCapabilities("StableDiffusion3Pipeline", 1024, 1024, 28, 7.0, family="sd3")
+    with pytest.raises(InvalidInput, match=r"prompt_3: the T5 encoder is not loaded \(--drop_t5\)"):
+        parse({"prompt": "x", "prompt_3": "y"}, no_t5)
+
+
+def test_flow_models_have_their_own_samplers():
+    assert parse({"prompt": "x", "scheduler": "heun"}, SD3).scheduler == "Heun"
+    with pytest.raises(InvalidInput, match=r"scheduler: unknown scheduler 'DPM\+\+ 2M'; allowed: Euler, Heun"):
+        parse({"prompt": "x", "scheduler": "DPM++ 2M"}, SD3)
+
+
+def test_loras_are_looked_up_by_name():
+    class Catalog:
+        def exists(self, name):
+            return name in {"trex", "pixel-art"}
+
+        def names(self):
+            return ["pixel-art", "trex"]
+
+    parser = RequestParser(Limits(), SDXL, Catalog())
+    r = parser.parse({"prompt": "x", "loras": [{"name": "trex", "scale": 0.8}, "pixel-art"]})
+    assert r.loras == (("trex", 0.8), ("pixel-art", 1.0))
+    assert r.describe()["loras"] == [{"name": "trex", "scale": 0.8}, {"name": "pixel-art", "scale": 1.0}]
+    assert parser.parse({"prompt": "x"}).loras == () and "loras" not in parser.parse({"prompt": "x"}).describe()
+    plain = parser.parse({"prompt": "x", "seed": 1})
+    assert parser.parse({"prompt": "x", "seed": 1, "loras": ["trex"]}).batch_key() != plain.batch_key()
+    for loras, message in [
+        ([{"name": "../../etc/passwd"}], r"loras\[0\].name: no adapter named '../../etc/passwd'; available: pixel-art, trex"),
+        ([{"name": "trex", "scale": 5}], r"loras\[0\].scale: must be a number from -2.0 to 2.0"),
+        (["trex", {"name": "trex"}], r"loras\[1\].name: adapter 'trex' is listed twice"),
+        ([{"name": "trex", "weight": 1}], r"loras\[0\]: must be \"name\" or"),
+        ("trex", "loras: must be a list of at most 8 adapters"),
+        (["a"] * 9, "loras: must be a list of at most 8 adapters"),
+    ]:
+        with pytest.raises(InvalidInput, match=message):
+            parser.parse({"prompt": "x", "loras": loras})
 
 
 def test_server_limits_cap_the_defaults():

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from kserve.errors import InvalidInput
 
@@ -59,10 +59,19 @@ class ModelCapabilities:
     default_height: int
     default_steps: int
     default_guidance_scale: float
-    is_sdxl: bool
-    has_refiner: bool
+    family: str  # "sd" (1.x/2.x), "sdxl" or "sd3"
+    has_refiner: bool = False
     scheduler_class: str = "EulerDiscreteScheduler"
     size_multiple: int = 8
+    has_t5: bool = False  # SD3 with its T5 encoder loaded
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def scheduler_family(self) -> str:
+        return "flow" if self.family == "sd3" else "diffusion"
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class GenerationRequest:
     negative_prompt: str | None = None
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt_3: str | None = None
     num_images: int = 1
     scheduler: str | None = None  # canonical name from schedulers.SCHEDULERS; None: the model's own
     refiner: RefinerMode = RefinerMode.NONE
@@ -88,6 +99,7 @@ class GenerationRequest:
     target_size: tuple[int, int] | None = None
     image_format: str = "png"
     quality: int = 90
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), applied to the base model
 
     @property
     def seeds(self) -> list[int]:
@@ -111,6 +123,7 @@ class GenerationRequest:
             # SDXL zeroes the negative embedding when no negative prompt is given, so "none" and
             # "some" cannot share a call without changing the images.
             self.negative_prompt is None,
+            self.loras,
         )
 
     def image_parameters(self, seed: int, model: str) -> dict[str, Any]:
@@ -125,6 +138,7 @@ class GenerationRequest:
         out = asdict(self)
         out["refiner"] = str(self.refiner)
         out["format"] = out.pop("image_format")
+        out["loras"] = [{"name": name, "scale": scale} for name, scale in self.loras] or None
         for name in ("original_size", "crops_coords_top_left", "target_size"):
             if out[name] is not None:
                 out[name] = list(out[name])
@@ -147,8 +161,10 @@ class GenerationResult:
 FIELDS: dict[str, str] = {
     "prompt": "text to generate from (required)",
     "negative_prompt": "what to keep out of the image",
-    "prompt_2": "SDXL: prompt for the second text encoder (default: prompt)",
-    "negative_prompt_2": "SDXL: negative prompt for the second text encoder",
+    "prompt_2": "SDXL/SD3: prompt for the second text encoder (default: prompt)",
+    "negative_prompt_2": "SDXL/SD3: negative prompt for the second text encoder",
+    "prompt_3": "SD3: prompt for the T5 encoder (default: prompt)",
+    "negative_prompt_3": "SD3: negative prompt for the T5 encoder",
     "width": "image width in pixels, a multiple of 8",
     "height": "image height in pixels, a multiple of 8",
     "num_inference_steps": "denoising steps",
@@ -164,21 +180,50 @@ FIELDS: dict[str, str] = {
     "target_size": "SDXL micro-conditioning [width, height]",
     "format": "png | jpeg | webp",
     "quality": "jpeg/webp quality 1..100",
+    "loras": 'LoRA adapters: [{"name": "...", "scale": 0.8}, ...] or ["name", ...]',
 }
 ALIASES: dict[str, str] = {
     "denoising_limit": "high_noise_frac",
     "num_images_per_prompt": "num_images",
     "output_image_format": "format",
 }
-SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
+# Fields only some model families read; the others would silently ignore them, so they are refused.
+FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt_2": ("sdxl", "sd3"),
+    "negative_prompt_2": ("sdxl", "sd3"),
+    "prompt_3": ("sd3",),
+    "negative_prompt_3": ("sd3",),
+    "original_size": ("sdxl",),
+    "crops_coords_top_left": ("sdxl",),
+    "target_size": ("sdxl",),
+}
+MAX_LORAS = 8
+LORA_SCALE = 2.0  # scales from -2 to 2
+
+
+class AdapterCatalog(Protocol):
+    """The LoRA adapters a request may name (names are looked up, never used as paths)."""
+
+    def exists(self, name: str) -> bool: ...
+
+    def names(self) -> list[str]: ...
+
+
+class NoAdapters:
+    def exists(self, name: str) -> bool:
+        return False
+
+    def names(self) -> list[str]:
+        return []
 
 
 class RequestParser:
     """Turns a mapping of parameters into a :class:`GenerationRequest`, or raises InvalidInput."""
 
-    def __init__(self, limits: Limits, model: ModelCapabilities):
+    def __init__(self, limits: Limits, model: ModelCapabilities, adapters: AdapterCatalog | None = None):
         self.limits = limits
         self.model = model
+        self.adapters = adapters or NoAdapters()
 
     def check_fields(self, values: Mapping[str, Any], where: str = "") -> None:
         """Reject unknown field names in a partial set of parameters (e.g. shared defaults)."""
@@ -190,13 +235,17 @@ class RequestParser:
             raise InvalidInput(f"{where or 'request'}: expected an object of generation parameters")
         v = _Fields(values, where)
         lim, model = self.limits, self.model
-        if not model.is_sdxl:
-            for name in SDXL_ONLY:
+        for name, families in FAMILY_FIELDS.items():
+            if v.has(name) and model.family not in families:
+                names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
+                raise InvalidInput(
+                    f"{v.label(name)}: only {' and '.join(names[f] for f in families)} models accept this "
+                    f"field; the loaded model is a {model.pipeline_class}"
+                )
+        if model.family == "sd3" and not model.has_t5:
+            for name in ("prompt_3", "negative_prompt_3"):
                 if v.has(name):
-                    raise InvalidInput(
-                        f"{v.label(name)}: only SDXL models accept this field; "
-                        f"the loaded model is a {model.pipeline_class}"
-                    )
+                    raise InvalidInput(f"{v.label(name)}: the T5 encoder is not loaded (--drop_t5), so it would have no effect")
 
         default_width, default_height = _default_size(model, lim)
         width = v.dimension("width", default_width, lim, model.size_multiple)
@@ -215,8 +264,8 @@ class RequestParser:
                 f"{v.label('refiner_strength')}: {refiner_strength} of {steps} steps leaves the refiner no "
                 f"step; raise refiner_strength or num_inference_steps"
             )
-        scheduler = v.scheduler()
-        fewest = min_steps(scheduler, model.scheduler_class)
+        scheduler = v.scheduler(model.scheduler_family)
+        fewest = min_steps(scheduler, model.scheduler_class, model.scheduler_family)
         if steps < fewest:
             raise InvalidInput(
                 f"{v.label('num_inference_steps')}: the {scheduler or model.scheduler_class} scheduler "
@@ -228,16 +277,19 @@ class RequestParser:
             )
         negative_prompt = v.text("negative_prompt", lim.max_prompt_length)
         negative_prompt_2 = v.text("negative_prompt_2", lim.max_prompt_length)
-        if negative_prompt is None and negative_prompt_2 is not None:
-            # diffusers ignores negative_prompt_2 when negative_prompt is absent; make it count.
+        negative_prompt_3 = v.text("negative_prompt_3", lim.max_prompt_length)
+        if negative_prompt is None and (negative_prompt_2 is not None or negative_prompt_3 is not None):
+            # diffusers ignores the other negative prompts when negative_prompt is absent; make them count.
             negative_prompt = ""
         seed = v.integer("seed", -1, -1, MAX_SEED)
         image_format = v.choice("format", "png", IMAGE_FORMATS)
         return GenerationRequest(
             prompt=v.text("prompt", lim.max_prompt_length, required=True),
             prompt_2=v.text("prompt_2", lim.max_prompt_length),
+            prompt_3=v.text("prompt_3", lim.max_prompt_length),
             negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
             width=width,
             height=height,
             num_inference_steps=steps,
@@ -253,6 +305,7 @@ class RequestParser:
             target_size=v.pair("target_size", 1, 16384),
             image_format=image_format,
             quality=v.integer("quality", 90, 1, 100),
+            loras=v.loras(self.adapters),
         )
 
 
@@ -372,14 +425,44 @@ class _Fields:
             return int(value[0]), int(value[1])
         raise self._fail(name, f"a list of two integers from {lo} to {hi}")
 
-    def scheduler(self) -> str | None:
+    def loras(self, adapters: AdapterCatalog) -> tuple[tuple[str, float], ...]:
+        value = self.values.get("loras")
+        if value is None:
+            return ()
+        expected = f'a list of at most {MAX_LORAS} adapters, each "name" or {{"name": "...", "scale": number}}'
+        if isinstance(value, str) and value.lstrip().startswith("["):  # v2/gRPC parameters are scalars
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise self._fail("loras", expected) from None
+        if not isinstance(value, list) or len(value) > MAX_LORAS:
+            raise self._fail("loras", expected)
+        out: list[tuple[str, float]] = []
+        for i, item in enumerate(value):
+            where = f"{self.label('loras')}[{i}]"
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, Mapping) or set(item) - {"name", "scale"} or not isinstance(item.get("name"), str):
+                raise InvalidInput(f"{where}: must be \"name\" or {{\"name\": \"...\", \"scale\": number}}, got {item!r:.200}")
+            name, scale = item["name"], _as_number(item.get("scale", 1.0))
+            if not adapters.exists(name):
+                available = ", ".join(adapters.names()[:20]) or "none"
+                raise InvalidInput(f"{where}.name: no adapter named {name!r:.100}; available: {available}")
+            if scale is None or not -LORA_SCALE <= scale <= LORA_SCALE:
+                raise InvalidInput(f"{where}.scale: must be a number from {-LORA_SCALE} to {LORA_SCALE}, got {item.get('scale')!r:.50}")
+            if any(name == n for n, _ in out):
+                raise InvalidInput(f"{where}.name: adapter {name!r} is listed twice")
+            out.append((name, float(scale)))
+        return tuple(out)
+
+    def scheduler(self, family: str) -> str | None:
         value = self.values.get("scheduler")
         if value is None:
             return None
         if not isinstance(value, str):
             raise self._fail("scheduler", "a scheduler name")
         try:
-            return resolve_scheduler_name(value)
+            return resolve_scheduler_name(value, family)
         except KeyError as exc:
             raise InvalidInput(f"{self.label('scheduler')}: {exc.args[0]}") from None
 

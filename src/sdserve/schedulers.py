@@ -2,7 +2,8 @@
 
 Names follow the ones users know from web UIs ("DPM++ 2M Karras"); each maps to a diffusers
 scheduler class plus config overrides, built from the loaded model's own scheduler config so the
-model's beta schedule and timestep spacing are kept.
+model's beta schedule and timestep spacing are kept. Diffusion models (SD, SDXL) and flow-matching
+models (SD3) have separate sets: a sampler of one family cannot drive the other.
 """
 
 from __future__ import annotations
@@ -36,13 +37,20 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Flow-matching samplers, for SD3-style models.
+FLOW_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "Heun": ("FlowMatchHeunDiscreteScheduler", {}),
+}
+FAMILIES = {"diffusion": SCHEDULERS, "flow": FLOW_SCHEDULERS}
+
 # PNDM's Runge-Kutta warm-up needs this many steps; fewer crash inside diffusers.
 _MIN_STEPS = {"PNDMScheduler": 4}
 
 
-def min_steps(scheduler: str | None, model_scheduler_class: str) -> int:
+def min_steps(scheduler: str | None, model_scheduler_class: str, family: str = "diffusion") -> int:
     """Fewest num_inference_steps the named scheduler (None: the model's own) can run."""
-    cls_name = SCHEDULERS[scheduler][0] if scheduler else model_scheduler_class
+    cls_name = FAMILIES[family][scheduler][0] if scheduler else model_scheduler_class
     return _MIN_STEPS.get(cls_name, 1)
 
 
@@ -50,20 +58,25 @@ def _normalise(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-_BY_KEY = {_normalise(name): name for name in SCHEDULERS}
-_BY_KEY.update({_normalise(cls): name for name, (cls, extra) in SCHEDULERS.items() if not extra})
+def _index(table: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    by_key = {_normalise(name): name for name in table}
+    by_key.update({_normalise(cls): name for name, (cls, extra) in table.items() if not extra})
+    return by_key
 
 
-def resolve_scheduler_name(name: str) -> str:
+_BY_KEY = {family: _index(table) for family, table in FAMILIES.items()}
+
+
+def resolve_scheduler_name(name: str, family: str = "diffusion") -> str:
     """Map a user-given name (any case, '_' or '-' for spaces, or a diffusers class name) to the
-    canonical one; raises KeyError with the allowed names."""
+    canonical one of the model's family; raises KeyError with the allowed names."""
     try:
-        return _BY_KEY[_normalise(name)]
+        return _BY_KEY[family][_normalise(name)]
     except KeyError:
-        raise KeyError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}") from None
+        raise KeyError(f"unknown scheduler {name!r}; allowed: {', '.join(FAMILIES[family])}") from None
 
 
-def build_scheduler(name: str | None, base_config: Any, seeds: list[int] | None = None):
+def build_scheduler(name: str | None, base_config: Any, seeds: list[int] | None = None, family: str = "diffusion"):
     """A fresh scheduler for one pipeline call (schedulers are stateful, so never shared).
 
     ``name`` None rebuilds the model's own scheduler. ``seeds`` (one per image) seed the Brownian
@@ -72,7 +85,7 @@ def build_scheduler(name: str | None, base_config: Any, seeds: list[int] | None 
     if name is None:
         cls_name, overrides = base_config["_class_name"], {}
     else:
-        cls_name, overrides = SCHEDULERS[name]
+        cls_name, overrides = FAMILIES[family][name]
     scheduler = getattr(diffusers, cls_name).from_config(base_config, **overrides)
     if hasattr(scheduler, "noise_sampler_seed") and seeds is not None:
         scheduler.noise_sampler_seed = list(seeds)
