@@ -91,7 +91,10 @@ class Server:
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny models of each kind, saved and loaded through the real code."""
     root = tmp_path_factory.mktemp("models")
-    return {kind: write_tiny_model(root / kind, kind) for kind in ("sdxl-refiner", "sdxl", "sd")}
+    built = {kind: write_tiny_model(root / kind, kind) for kind in ("sdxl-refiner", "sdxl", "sd", "sd3", "sd-single-file")}
+    # the same SDXL base weights as "sdxl" (same seed), with two LoRA adapters under loras/
+    built["sdxl-loras"] = write_tiny_model(root / "sdxl-loras", "sdxl", loras=("trex", "pixel"))
+    return built
 
 
 @pytest.fixture(scope="session")

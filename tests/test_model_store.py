@@ -38,13 +38,13 @@ def test_missing_directory(tmp_path):
 
 
 def test_folder_without_a_model_lists_what_it_found(tmp_path):
-    (tmp_path / "weights.safetensors").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelStoreError) as err:
         discover(tmp_path)
     message = str(err.value)
-    assert "expected model_index.json at its root, or a base/ folder" in message
-    assert "found: unet/, weights.safetensors" in message
+    assert "expected model_index.json at its root, a base/ folder" in message
+    assert "found: notes.txt, unet/" in message
 
 
 def test_refiner_folder_without_index(models, tmp_path):
@@ -113,3 +113,45 @@ def test_refiner_must_pair_with_sdxl(models):
         model_store.load(
             discover(models["sd"], refiner_dir=models["sdxl-refiner"] / "refiner"), torch.device("cpu"), torch.float32
         )
+
+
+def test_single_file_checkpoint_with_local_configs(models, tmp_path):
+    from sdserve.tiny import build_sd, write_single_file
+
+    checkpoint = write_single_file(build_sd(tmp_path / "scratch"), tmp_path / "sf")
+    layout = discover(tmp_path / "sf")  # the folder: its only .safetensors, configs from config/
+    assert layout.base == checkpoint and layout.config == tmp_path / "sf" / "config"
+    assert discover(checkpoint).base == checkpoint  # or the file itself
+    single = model_store.load(layout, torch.device("cpu"), torch.float32)
+    folder = model_store.load(discover(models["sd"]), torch.device("cpu"), torch.float32)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(single.base, name).state_dict(), getattr(folder.base, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_single_file_errors(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelStoreError, match="needs its diffusers configs: give --config_dir"):
+        discover(tmp_path)
+    (tmp_path / "old.ckpt").write_bytes(b"")
+    with pytest.raises(ModelStoreError, match="only .safetensors checkpoints are loaded"):
+        discover(tmp_path / "old.ckpt")
+
+
+def test_sd3_with_and_without_t5(tmp_path):
+    from sdserve.model_store import LoadOptions
+    from sdserve.tiny import write_tiny_model
+
+    root = write_tiny_model(tmp_path / "sd3", "sd3")
+    full = model_store.load(discover(root), torch.device("cpu"), torch.float32)
+    assert full.capabilities.family == "sd3" and full.capabilities.has_t5
+    assert full.capabilities.scheduler_family == "flow" and full.capabilities.default_width == 256
+    slim = model_store.load(discover(root), torch.device("cpu"), torch.float32, options=LoadOptions(drop_t5=True))
+    assert slim.base.text_encoder_3 is None and not slim.capabilities.has_t5
+
+
+def test_offload_needs_a_gpu(models):
+    from sdserve.model_store import LoadOptions
+
+    with pytest.raises(ModelStoreError, match="--offload model moves weights to a GPU on demand; it needs a CUDA device"):
+        model_store.load(discover(models["sd"]), torch.device("cpu"), torch.float32, options=LoadOptions(offload="model"))

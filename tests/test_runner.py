@@ -168,3 +168,70 @@ def test_counting_tokens_on_another_thread_does_not_disturb_generation(sdxl):
     finally:
         stop.set()
         counter.join()
+
+
+@pytest.fixture(scope="module")
+def with_loras(models):
+    from sdserve.adapters import Adapters
+
+    loaded = model_store.load(model_store.discover(models["sdxl-loras"]), torch.device("cpu"), torch.float32)
+    adapters = Adapters(models["sdxl-loras"] / "loras", rescan_seconds=0)
+    adapters.load_all(loaded.base)
+    parser = RequestParser(Limits(), loaded.capabilities, adapters)
+    return parser, PipelineRunner(loaded, 8, adapters=adapters), adapters
+
+
+def test_loras_change_the_image_and_no_lora_is_exactly_the_base(with_loras, models):
+    parser, runner, _ = with_loras
+    common = {"prompt": "a dinosaur", "seed": 4, "num_inference_steps": 3}
+    plain = runner.run([parser.parse(common)])[0][0]
+    trex = runner.run([parser.parse({**common, "loras": [{"name": "trex", "scale": 1.0}]})])[0][0]
+    both = runner.run([parser.parse({**common, "loras": ["trex", {"name": "pixel", "scale": 0.5}]})])[0][0]
+    after = runner.run([parser.parse(common)])[0][0]
+    assert max_diff(plain, trex) > 2 * BATCH_TOLERANCE and max_diff(trex, both) > 2 * BATCH_TOLERANCE
+    assert np.array_equal(plain, after)  # nothing left over from the LoRA requests
+    # and equal to the same base weights served with no adapters loaded at all
+    no_adapters = model_store.load(model_store.discover(models["sdxl"]), torch.device("cpu"), torch.float32)
+    reference = PipelineRunner(no_adapters, 8).run([RequestParser(Limits(), no_adapters.capabilities).parse(common)])[0][0]
+    assert np.array_equal(plain, reference)
+
+
+def test_a_new_adapter_folder_is_found_and_loaded_on_first_use(with_loras):
+    import shutil
+
+    parser, runner, adapters = with_loras
+    assert not adapters.exists("fresh")
+    shutil.copytree(adapters.lora_dir / "trex", adapters.lora_dir / "fresh")
+    try:
+        request = parser.parse({"prompt": "a dinosaur", "seed": 4, "num_inference_steps": 3, "loras": ["fresh"]})
+        fresh = runner.run([request])[0][0]
+        trex = runner.run([parser.parse({"prompt": "a dinosaur", "seed": 4, "num_inference_steps": 3, "loras": ["trex"]})])[0][0]
+        assert np.array_equal(fresh, trex) and "fresh" in adapters.names()
+    finally:
+        shutil.rmtree(adapters.lora_dir / "fresh")
+
+
+def test_sd3_generates_deterministically_and_batches(models):
+    loaded = model_store.load(model_store.discover(models["sd3"]), torch.device("cpu"), torch.float32)
+    parser = RequestParser(Limits(), loaded.capabilities)
+    runner = PipelineRunner(loaded, 8)
+    a = parser.parse({"prompt": "a dog", "seed": 2, "num_inference_steps": 3, "negative_prompt": "cat"})
+    b = parser.parse({"prompt": "a cat", "seed": 3, "num_inference_steps": 3, "negative_prompt": "dog", "prompt_3": "t5 only"})
+    together = runner.run([a, b])
+    assert together[0][0].shape == (256, 256, 3)
+    assert max_diff(together[0][0], runner.run([a])[0][0]) <= BATCH_TOLERANCE
+    assert max_diff(together[1][0], runner.run([b])[0][0]) <= BATCH_TOLERANCE
+    heun = runner.run([parser.parse({"prompt": "a dog", "seed": 2, "num_inference_steps": 3, "scheduler": "Heun"})])[0][0]
+    assert heun.std() > 5 and max_diff(heun, together[0][0]) > 0
+
+
+def test_vae_tiling_decodes_large_images(models):
+    from sdserve.model_store import LoadOptions
+
+    loaded = model_store.load(model_store.discover(models["sd"]), torch.device("cpu"), torch.float32,
+                              options=LoadOptions(vae_tiling=True, vae_slicing=True))
+    assert loaded.base.vae.use_tiling and loaded.base.vae.use_slicing
+    parser = RequestParser(Limits(), loaded.capabilities)
+    images = PipelineRunner(loaded, 4).run([parser.parse({"prompt": "x", "width": 1024, "height": 512, "num_images": 2,
+                                                          "num_inference_steps": 2})])[0]
+    assert [i.shape for i in images] == [(512, 1024, 3)] * 2 and images[0].std() > 5

@@ -85,7 +85,7 @@ def test_sd_folder_at_the_root_serves_with_its_own_defaults(models, start_server
     params = r.json()["predictions"][0]["parameters"]
     assert params["width"] == 256 and params["guidance_scale"] == 7.5 and params["refiner"] == "none"
     r = server.predict({"instances": [{"prompt": "a hill", "prompt_2": "also"}]})
-    assert r.status_code == 400 and "prompt_2: only SDXL models accept this field" in r.json()["error"]
+    assert r.status_code == 400 and "prompt_2: only SDXL and SD3 models accept this field" in r.json()["error"]
 
 
 def test_tiny_model_command_writes_a_servable_folder(tmp_path):

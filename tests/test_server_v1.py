@@ -138,4 +138,7 @@ def test_request_id_is_echoed(sdxl_server):
 
 def test_model_listing_and_readiness(sdxl_server):
     assert httpx.get(f"{sdxl_server.url}/v1/models").json() == {"models": ["sdxl"]}
-    assert httpx.get(f"{sdxl_server.url}/v1/models/sdxl").json() == {"name": "sdxl", "ready": True}
+    model = httpx.get(f"{sdxl_server.url}/v1/models/sdxl").json()
+    assert model == {"name": "sdxl", "ready": True, "pipeline": "StableDiffusionXLPipeline", "refiner": True,
+                     "default_size": [256, 256], "adapters": []}
+    assert httpx.get(f"{sdxl_server.url}/v1/models/other").status_code == 404

@@ -4,7 +4,10 @@ Layouts understood (``--model_dir``, ``/mnt/models`` on KServe):
 
 * a diffusers folder (``model_index.json``) at the root;
 * ``base/`` (a diffusers folder) with an optional ``refiner/`` beside it; other entries are ignored;
-* an explicit ``--refiner_dir`` with either.
+* an explicit ``--refiner_dir`` with either;
+* a single-file checkpoint (one ``.safetensors`` in the original layout, as the file itself or the
+  only one at the folder's root) with its diffusers configs and tokenizers from ``--config_dir``
+  (default: a ``config/`` folder beside it).
 
 Loading is local and offline: safetensors only, no remote code, no hub access. The SDXL refiner
 shares ``text_encoder_2`` and ``vae`` with the base, so they are held in memory once.
@@ -29,6 +32,7 @@ log = logging.getLogger("sdserve")
 TEXT_TO_IMAGE_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionPipeline": "sd",
+    "StableDiffusion3Pipeline": "sd3",
 }
 REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -40,8 +44,28 @@ class ModelStoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelLayout:
-    base: Path
+    base: Path  # a diffusers folder, or the single-file checkpoint
     refiner: Path | None = None
+    config: Path | None = None  # for a single-file base: the diffusers folder with its configs
+
+    @property
+    def index_folder(self) -> Path:
+        """Where the base's model_index.json is."""
+        return self.config if self.config is not None else self.base
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to place the pipelines: all on the device, or offloaded to host memory between uses."""
+
+    offload: str = "none"  # none | model (whole models move on demand) | sequential (layer by layer)
+    vae_tiling: bool = False  # decode large images in tiles: less memory, seams are blended
+    vae_slicing: bool = False  # decode a batch one image at a time
+    drop_t5: bool = False  # SD3: leave out the T5-XXL encoder (~9 GB in fp16); prompts use CLIP only
+
+    def __post_init__(self) -> None:
+        if self.offload not in ("none", "model", "sequential"):
+            raise ValueError(f"offload must be none, model or sequential, got {self.offload!r}")
 
 
 @dataclass
@@ -65,12 +89,30 @@ def _listing(path: Path) -> str:
     return ", ".join(entries[:20]) + (" ..." if len(entries) > 20 else "") if entries else "(empty)"
 
 
-def discover(model_dir: str | Path, refiner_dir: str | Path | None = None) -> ModelLayout:
+def _single_file(path: Path, config_dir: str | Path | None) -> ModelLayout:
+    if path.suffix != ".safetensors":
+        raise ModelStoreError(f"{path}: only .safetensors checkpoints are loaded (pickle files can run code)")
+    config = Path(config_dir) if config_dir else path.parent / "config"
+    if not (config / "model_index.json").is_file():
+        raise ModelStoreError(
+            f"single-file checkpoint {path} needs its diffusers configs: give --config_dir, a diffusers "
+            f"folder with model_index.json, the component configs and tokenizers (no weights needed); "
+            f"{config} has no model_index.json"
+        )
+    return ModelLayout(base=path, config=config)
+
+
+def discover(
+    model_dir: str | Path, refiner_dir: str | Path | None = None, config_dir: str | Path | None = None
+) -> ModelLayout:
     """Work out where the base (and refiner) pipelines are, or fail saying what was found."""
     root = Path(model_dir)
+    if root.is_file():
+        return _single_file(root, config_dir)
     if not root.is_dir():
         raise ModelStoreError(f"model directory {root} does not exist or is not a directory")
     explicit_refiner = Path(refiner_dir) if refiner_dir else None
+    checkpoints = sorted(root.glob("*.safetensors"))
     if (root / "model_index.json").is_file():
         layout = ModelLayout(base=root, refiner=explicit_refiner)
     elif (root / "base" / "model_index.json").is_file():
@@ -78,10 +120,13 @@ def discover(model_dir: str | Path, refiner_dir: str | Path | None = None) -> Mo
         if refiner is None and (root / "refiner").is_dir():
             refiner = root / "refiner"
         layout = ModelLayout(base=root / "base", refiner=refiner)
+    elif len(checkpoints) == 1:
+        layout = _single_file(checkpoints[0], config_dir)
     else:
         raise ModelStoreError(
-            f"no diffusers model found in {root}: expected model_index.json at its root, or a "
-            f"base/ folder holding one (with an optional refiner/ beside it); found: {_listing(root)}"
+            f"no diffusers model found in {root}: expected model_index.json at its root, a base/ "
+            f"folder holding one (with an optional refiner/ beside it), or one single-file .safetensors "
+            f"checkpoint; found: {_listing(root)}"
         )
     if layout.refiner is not None and not (layout.refiner / "model_index.json").is_file():
         where = layout.refiner
@@ -165,22 +210,38 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def _load_pipeline(cls, folder: Path, dtype: torch.dtype, **components):
-    import diffusers  # noqa: F401  (imported lazily: heavy)
-
-    index = read_model_index(folder)
-    variant = weight_variant(folder, index)
+def _load_pipeline(cls, layout_base: Path, dtype: torch.dtype, config: Path | None = None, **components):
+    if config is not None:  # single file, configs and tokenizers from a local folder
+        loader = cls.from_single_file
+        args = dict(config=str(config), local_files_only=True, dtype=dtype, **components)
+        source = str(layout_base)
+    else:
+        variant = weight_variant(layout_base, read_model_index(layout_base))
+        loader = cls.from_pretrained
+        args = dict(dtype=dtype, use_safetensors=True, local_files_only=True, variant=variant, **components)
+        source = layout_base
     try:
-        return cls.from_pretrained(
-            folder,
-            dtype=dtype,
-            use_safetensors=True,
-            local_files_only=True,
-            variant=variant,
-            **components,
-        )
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelStoreError(f"failed to load {cls.__name__} from {folder}: {exc}") from exc
+        return loader(source, **args)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ModelStoreError(f"failed to load {cls.__name__} from {layout_base}: {exc}") from exc
+
+
+def _place(pipeline, device: torch.device, options: LoadOptions):
+    """Move the pipeline to ``device``, or set up offloading to it; then memory savers."""
+    if options.offload == "none":
+        pipeline.to(device)
+    elif device.type == "cpu":
+        raise ModelStoreError(f"--offload {options.offload} moves weights to a GPU on demand; it needs a CUDA device")
+    elif options.offload == "model":
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.enable_sequential_cpu_offload(device=device)
+    if options.vae_tiling:
+        pipeline.vae.enable_tiling()
+    if options.vae_slicing:
+        pipeline.vae.enable_slicing()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def load(
@@ -188,25 +249,28 @@ def load(
     device: torch.device,
     dtype: torch.dtype,
     default_steps: int | None = None,
+    options: LoadOptions = LoadOptions(),
 ) -> LoadedModel:
     """Load the base pipeline (class from its model_index.json) and the refiner, on ``device``."""
     import diffusers
 
-    base_index = read_model_index(layout.base)
+    base_index = read_model_index(layout.index_folder)
     class_name = base_index["_class_name"]
     if class_name not in TEXT_TO_IMAGE_PIPELINES:
         raise ModelStoreError(
             f"{layout.base}: pipeline class {class_name} is not supported; "
             f"supported: {', '.join(TEXT_TO_IMAGE_PIPELINES)}"
         )
+    family = TEXT_TO_IMAGE_PIPELINES[class_name]
     cls = getattr(diffusers, class_name)
-    extra = {}
-    if class_name == "StableDiffusionPipeline":
+    extra: dict[str, Any] = {}
+    if family == "sd":
         # Served images are not silently blacked out; filtering belongs in front of the server.
         extra = {"safety_checker": None, "requires_safety_checker": False}
+    if family == "sd3" and options.drop_t5:
+        extra = {"text_encoder_3": None, "tokenizer_3": None}
     log.info("loading %s from %s (%s, %s)", class_name, layout.base, device, dtype)
-    base = _load_pipeline(cls, layout.base, dtype, **extra).to(device)
-    base.set_progress_bar_config(disable=True)
+    base = _place(_load_pipeline(cls, layout.base, dtype, layout.config, **extra), device, options)
 
     refiner = None
     if layout.refiner is not None:
@@ -217,26 +281,31 @@ def load(
                 f"must be a {REFINER_PIPELINE} next to a StableDiffusionXLPipeline base"
             )
         log.info("loading refiner from %s, sharing text_encoder_2 and vae with the base", layout.refiner)
-        refiner = _load_pipeline(
-            diffusers.StableDiffusionXLImg2ImgPipeline,
-            layout.refiner,
-            dtype,
-            text_encoder_2=base.text_encoder_2,
-            vae=base.vae,
-        ).to(device)
-        refiner.set_progress_bar_config(disable=True)
+        refiner = _place(
+            _load_pipeline(
+                diffusers.StableDiffusionXLImg2ImgPipeline,
+                layout.refiner,
+                dtype,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
+            ),
+            device,
+            options,
+        )
 
     defaults = inspect.signature(cls.__call__).parameters
-    size = base.unet.config.sample_size * base.vae_scale_factor
+    denoiser = base.transformer if family == "sd3" else base.unet
+    size = denoiser.config.sample_size * base.vae_scale_factor
     capabilities = ModelCapabilities(
         pipeline_class=class_name,
         default_width=size,
         default_height=size,
         default_steps=default_steps or defaults["num_inference_steps"].default,
         default_guidance_scale=float(defaults["guidance_scale"].default),
-        is_sdxl=TEXT_TO_IMAGE_PIPELINES[class_name] == "sdxl",
+        family=family,
         has_refiner=refiner is not None,
         scheduler_class=type(base.scheduler).__name__,
+        has_t5=getattr(base, "text_encoder_3", None) is not None,
     )
     return LoadedModel(
         base,

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import kserve
@@ -19,6 +20,7 @@ from kserve import InferRequest
 from kserve.errors import InvalidInput
 
 from . import metrics, model_store, storage
+from .adapters import Adapters
 from .engine import Engine, EngineSettings
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .prompts import counting_tokenizers, prompt_warnings
@@ -33,10 +35,13 @@ log = logging.getLogger("sdserve")
 class ModelSettings:
     model_dir: str
     refiner_dir: str | None = None
+    config_dir: str | None = None  # diffusers configs for a single-file checkpoint
+    lora_dir: str | None = None  # default: <model_dir>/loras
     device: str = "auto"
     dtype: str = "auto"
     default_steps: int | None = None
     download_dir: str | None = None  # where remote model locations are downloaded to
+    load_options: model_store.LoadOptions = model_store.LoadOptions()
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class SDModel(kserve.Model):
         self.loaded: model_store.LoadedModel | None = None
         self.parser: RequestParser | None = None
         self.tokenizers: dict = {}
+        self.adapters: Adapters | None = None
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
@@ -86,24 +92,28 @@ class SDModel(kserve.Model):
         s = self.settings
         model_dir = storage.local_path(s.model_dir, s.download_dir)
         refiner_dir = storage.local_path(s.refiner_dir, s.download_dir) if s.refiner_dir else None
-        layout = model_store.discover(model_dir, refiner_dir)
+        layout = model_store.discover(model_dir, refiner_dir, s.config_dir)
         device = model_store.resolve_device(s.device)
         dtype = model_store.resolve_dtype(s.dtype, device)
         started = time.perf_counter()
-        self.loaded = model_store.load(layout, device, dtype, s.default_steps)
-        self.parser = RequestParser(self.limits, self.loaded.capabilities)
+        self.loaded = model_store.load(layout, device, dtype, s.default_steps, s.load_options)
+        lora_dir = Path(storage.local_path(s.lora_dir, s.download_dir)) if s.lora_dir else Path(model_dir) / "loras"
+        self.adapters = Adapters(lora_dir)
+        self.adapters.load_all(self.loaded.base)  # before the worker starts: this thread still owns the GPU
+        self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
-        runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images)
+        runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
         self.batch_engine = Engine(runner.run, self.engine_settings)
         self.batch_engine.start()
         log.info(
-            "model %s ready in %.1f s: %s%s on %s (%s)",
+            "model %s ready in %.1f s: %s%s on %s (%s)%s",
             self.name,
             time.perf_counter() - started,
             self.loaded.capabilities.pipeline_class,
             " + refiner" if self.loaded.refiner is not None else "",
             device,
             dtype,
+            f", LoRA adapters: {', '.join(self.adapters.names())}" if self.adapters.names() else "",
         )
         self.ready = True
         return self.ready
@@ -139,6 +149,16 @@ class SDModel(kserve.Model):
 
     async def healthy(self) -> bool:
         return self.not_ready_reason() is None
+
+    def describe(self) -> dict[str, Any]:
+        """What is served: shown by GET /v1/models/<name> and in the v2 model metadata."""
+        caps = self.loaded.capabilities
+        return {
+            "pipeline": caps.pipeline_class,
+            "refiner": caps.has_refiner,
+            "default_size": [caps.default_width, caps.default_height],
+            "adapters": self.adapters.names() if self.adapters else [],
+        }
 
     def get_input_types(self) -> list[dict]:
         return v2.INPUT_METADATA

@@ -58,6 +58,24 @@ def register(app: FastAPI, model: SDModel) -> None:
             return JSONResponse({"live": False, "reason": model.not_ready_reason()}, 503)
         return JSONResponse({"live": True})
 
+    @router.get("/v1/models/{model_name}")
+    async def v1_model(model_name: str) -> JSONResponse:
+        if model_name != model.name:
+            return JSONResponse({"error": f"Model with name {model_name} does not exist."}, 404)
+        reason = model.not_ready_reason()
+        body = {"name": model.name, "ready": reason is None, **model.describe()}
+        return JSONResponse(body if reason is None else {**body, "reason": reason}, 200 if reason is None else 503)
+
+    @router.get("/v2/models/{model_name}")
+    async def v2_model_metadata(model_name: str) -> JSONResponse:
+        if model_name != model.name:
+            return JSONResponse({"error": f"Model with name {model_name} does not exist."}, 404)
+        return JSONResponse({
+            "name": model.name, "versions": None, "platform": "sdserve",
+            "inputs": model.get_input_types(), "outputs": model.get_output_types(),
+            "parameters": model.describe(),
+        })
+
     @router.get(f"{OPENAI_PREFIX}/models")
     async def list_models() -> dict:
         return {"object": "list", "data": [{"id": model.name, "object": "model", "created": _STARTED, "owned_by": "sdserve"}]}

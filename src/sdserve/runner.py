@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .adapters import Adapters
 from .errors import ImageTooLarge, Interrupted
 from .faults import Faults
 from .model_store import LoadedModel
@@ -31,11 +32,14 @@ class _Image:
     """One image to make: the request it belongs to and its own prompts and seed."""
 
     owner: int
-    prompt: str
-    prompt_2: str | None
-    negative_prompt: str | None
-    negative_prompt_2: str | None
+    request: GenerationRequest
     seed: int
+
+    def negative(self, n: int) -> str:
+        """Negative prompt for text encoder ``n`` (1-3): its own, else the first one, else ""."""
+        r = self.request
+        own = {1: r.negative_prompt, 2: r.negative_prompt_2, 3: r.negative_prompt_3}[n]
+        return own or r.negative_prompt or ""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -58,21 +62,22 @@ class PipelineRunner:
     """Turns a list of requests sharing one batch key into images, at most ``max_batch_images``
     per pipeline call."""
 
-    def __init__(self, model: LoadedModel, max_batch_images: int, faults: Faults | None = None):
+    def __init__(
+        self, model: LoadedModel, max_batch_images: int, faults: Faults | None = None, adapters: Adapters | None = None
+    ):
         self.model = model
         self.max_batch_images = max_batch_images
         self.faults = faults or Faults.from_env()
+        self.adapters = adapters
 
     def run(
         self, requests: Sequence[GenerationRequest], should_stop: Callable[[], bool] = lambda: False
     ) -> list[list[np.ndarray]]:
         """Images for each request, in request order. ``should_stop`` is polled between denoising
         steps; when it returns True the call raises Interrupted."""
-        items = [
-            _Image(i, r.prompt, r.prompt_2, r.negative_prompt, r.negative_prompt_2, seed)
-            for i, r in enumerate(requests)
-            for seed in r.seeds
-        ]
+        items = [_Image(i, r, seed) for i, r in enumerate(requests) for seed in r.seeds]
+        if self.adapters is not None:
+            self.adapters.activate(self.model.base, requests[0].loras)
         out: list[list[np.ndarray]] = [[] for _ in requests]
         for start in range(0, len(items), self.max_batch_images):
             chunk = items[start : start + self.max_batch_images]
@@ -105,7 +110,7 @@ class PipelineRunner:
     def _generate(self, settings: GenerationRequest, items: Sequence[_Image], should_stop) -> np.ndarray:
         model = self.model
         self.faults.before_call(len(items), settings.width, settings.height)
-        prompts = [it.prompt for it in items]
+        prompts = [it.request.prompt for it in items]
 
         def on_step(pipeline, step, timestep, tensors):
             self.faults.on_step(prompts, step)
@@ -116,28 +121,33 @@ class PipelineRunner:
         seeds = [it.seed for it in items]
         # CPU generators: the same seed gives the same starting noise on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        # The batch agrees on whether there is a negative prompt (batch key): None keeps SDXL's
+        # zeroed negative embedding.
+        has_negative = settings.negative_prompt is not None
         kwargs = {
             "prompt": prompts,
-            "negative_prompt": None
-            if settings.negative_prompt is None
-            else [it.negative_prompt or "" for it in items],
+            "negative_prompt": [it.negative(1) for it in items] if has_negative else None,
             "num_inference_steps": settings.num_inference_steps,
             "guidance_scale": settings.guidance_scale,
             "generator": generators,
             "callback_on_step_end": on_step,
         }
-        if model.capabilities.is_sdxl:
+        family = model.capabilities.family
+        if family in ("sdxl", "sd3"):
+            kwargs["prompt_2"] = [it.request.prompt_2 or it.request.prompt for it in items]
+            kwargs["negative_prompt_2"] = [it.negative(2) for it in items] if has_negative else None
+        if family == "sd3":
+            kwargs["prompt_3"] = [it.request.prompt_3 or it.request.prompt for it in items]
+            kwargs["negative_prompt_3"] = [it.negative(3) for it in items] if has_negative else None
+        if family == "sdxl":
             kwargs.update(
-                prompt_2=[it.prompt_2 or it.prompt for it in items],
-                negative_prompt_2=None
-                if settings.negative_prompt is None
-                else [it.negative_prompt_2 or it.negative_prompt or "" for it in items],
                 original_size=settings.original_size,
                 crops_coords_top_left=settings.crops_coords_top_left or (0, 0),
                 target_size=settings.target_size,
             )
         base = model.base
-        base.scheduler = build_scheduler(settings.scheduler, model.scheduler_config, seeds)
+        scheduler_family = model.capabilities.scheduler_family
+        base.scheduler = build_scheduler(settings.scheduler, model.scheduler_config, seeds, scheduler_family)
         mode = settings.refiner if model.refiner is not None else RefinerMode.NONE
         if mode is RefinerMode.NONE:
             images = base(height=settings.height, width=settings.width, output_type="np", **kwargs).images

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from .engine import EngineSettings
+from .model_store import LoadOptions
 from .predictor import ModelSettings, Policy
 from .request import Limits
 
@@ -36,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(s3://bucket/prefix, gs://, hf://, https://) downloaded at start-up")
     model.add_argument("--refiner_dir", default=None, help="SDXL refiner folder (or remote location), "
                        "when not <model_dir>/refiner")
+    model.add_argument("--config_dir", default=None,
+                       help="for a single-file checkpoint: a diffusers folder with model_index.json, component "
+                       "configs and tokenizers (default: <model_dir>/config)")
+    model.add_argument("--lora_dir", default=None,
+                       help="folder of LoRA adapters, one sub-folder per name (default: <model_dir>/loras)")
+    model.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                       help="small GPUs: keep weights in host memory and move whole models (model) or layers "
+                       "(sequential) to the GPU when used")
+    model.add_argument("--vae_tiling", action="store_true", help="decode images in tiles (less GPU memory for large sizes)")
+    model.add_argument("--vae_slicing", action="store_true", help="decode a batch one image at a time")
+    model.add_argument("--drop_t5", action="store_true",
+                       help="SD3: do not load the T5-XXL text encoder (saves ~9 GB; prompts use the CLIP encoders only)")
     model.add_argument("--download_dir", default=None,
                        help="where remote model locations are downloaded (default: $XDG_CACHE_HOME/sdserve/models)")
     model.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
@@ -109,6 +122,9 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
             model=ModelSettings(
                 model_dir=args.model_dir,
                 refiner_dir=args.refiner_dir,
+                config_dir=args.config_dir,
+                lora_dir=args.lora_dir,
+                load_options=LoadOptions(args.offload, args.vae_tiling, args.vae_slicing, args.drop_t5),
                 device=args.device,
                 dtype=args.dtype,
                 default_steps=args.default_steps,
