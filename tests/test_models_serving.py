@@ -96,3 +96,15 @@ def test_dreambooth_output_folder_serves_like_a_base_model(models, tmp_path):
     (out / "logs").mkdir()
     loaded = model_store.load(model_store.discover(out), torch.device("cpu"), torch.float32)
     assert loaded.capabilities.pipeline_class == "StableDiffusionXLPipeline"
+
+
+def test_cli_generates_with_a_lora_locally(models, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "dino.png"
+    run = subprocess.run([sys.executable, "-m", "sdserve", "generate", "a dinosaur", "-o", str(out), "--model_dir",
+                          str(models["sdxl-loras"]), "--steps", "2", "--lora", "trex:0.5", "--lora", "pixel"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert read_metadata(out.read_bytes())["loras"] == [{"name": "trex", "scale": 0.5}, {"name": "pixel", "scale": 1.0}]

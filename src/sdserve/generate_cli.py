@@ -45,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
     for field, (flag, kind) in FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, help=field)
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                        help="a LoRA adapter of the model, with an optional scale (repeatable)")
     local = parser.add_argument_group("local generation (--model_dir)")
     local.add_argument("--refiner_dir")
     local.add_argument("--device", default="auto")
     local.add_argument("--dtype", default="auto")
+    local.add_argument("--lora_dir", help="LoRA adapters folder (default: <model_dir>/loras)")
     return parser
 
 
@@ -86,6 +89,7 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
     from kserve.errors import InvalidInput
 
     from . import model_store
+    from .adapters import Adapters
     from .request import Limits, RequestParser
     from .runner import PipelineRunner
 
@@ -96,11 +100,12 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
     for pipeline in (loaded.base, loaded.refiner):
         if pipeline is not None:
             pipeline.set_progress_bar_config(disable=False)
+    adapters = Adapters(Path(args.lora_dir) if args.lora_dir else Path(args.model_dir) / "loras")
     try:
-        request = RequestParser(Limits(), loaded.capabilities).parse({"prompt": args.prompt, **params})
+        request = RequestParser(Limits(), loaded.capabilities, adapters).parse({"prompt": args.prompt, **params})
     except InvalidInput as exc:
         raise SystemExit(f"error: {exc.reason}") from None
-    images = PipelineRunner(loaded, max_batch_images=request.num_images).run([request])[0]
+    images = PipelineRunner(loaded, max_batch_images=request.num_images, adapters=adapters).run([request])[0]
     name = Path(args.model_dir).name
     return [
         (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, name)), seed)
@@ -108,9 +113,19 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
     ]
 
 
+def _lora(spec: str) -> dict[str, Any]:
+    name, _, scale = spec.partition(":")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": name}
+    except ValueError:
+        raise SystemExit(f"error: --lora {spec}: the scale after ':' must be a number") from None
+
+
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     params = {field: getattr(args, field) for field in FLAGS if getattr(args, field) is not None}
+    if args.lora:
+        params["loras"] = [_lora(spec) for spec in args.lora]
     params["format"] = EXTENSIONS.get(Path(args.output).suffix.lower(), "png")
     images = generate_local(args, params) if args.model_dir else generate_remote(args, params)
     for (data, seed), path in zip(images, output_paths(args.output, [s for _, s in images])):
