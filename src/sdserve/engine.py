@@ -88,10 +88,14 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, first: Callable[[], None] | None = None) -> Future:
+        """Start the worker. It runs ``first`` (e.g. a compile warm-up, which must happen on the
+        thread that will generate) before any request; the returned future tells when it is done."""
+        warmed: Future = Future()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="sdserve-worker", daemon=True)
+            self._thread = threading.Thread(target=self._work, args=(first, warmed), name="sdserve-worker", daemon=True)
             self._thread.start()
+        return warmed
 
     def drain(self) -> None:
         """Take no new work; what is queued or running still completes."""
@@ -208,7 +212,14 @@ class Engine:
             runnable.append(job)
         return runnable
 
-    def _work(self) -> None:
+    def _work(self, first: Callable[[], None] | None, warmed: Future) -> None:
+        try:
+            if first is not None:
+                first()
+        except BaseException as exc:  # noqa: BLE001 - reported to whoever waits for the warm-up
+            warmed.set_exception(exc)
+            return
+        warmed.set_result(None)
         while not self._stopping:
             batch = self._next_batch()
             try:

@@ -19,9 +19,10 @@ import kserve
 from kserve import InferRequest
 from kserve.errors import InvalidInput
 
-from . import metrics, model_store, storage
+from . import metrics, model_store, optimize, storage
 from .adapters import Adapters
 from .engine import Engine, EngineSettings
+from .optimize import Optimizations
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .prompts import counting_tokenizers, prompt_warnings
 from .protocol import openai_images, v1, v2
@@ -42,6 +43,7 @@ class ModelSettings:
     default_steps: int | None = None
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: model_store.LoadOptions = model_store.LoadOptions()
+    optimizations: Optimizations = Optimizations()
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,21 @@ class SDModel(kserve.Model):
         self.adapters.load_all(self.loaded.base)  # before the worker starts: this thread still owns the GPU
         self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
+        opts = s.optimizations
+        done = optimize.apply(self.loaded.base, opts)
+        if self.loaded.refiner is not None:
+            optimize.apply(self.loaded.refiner, opts, include_vae=False)
+        if done:
+            log.info("optimisations: %s", ", ".join(done))
         runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
         self.batch_engine = Engine(runner.run, self.engine_settings)
-        self.batch_engine.start()
+        try:
+            warmup = [self.parser.parse({"prompt": "warm-up", "width": w, "height": h, "num_inference_steps": 2,
+                                         "seed": 0}) for w, h in opts.warmup]
+        except InvalidInput as exc:
+            raise model_store.ModelStoreError(f"--warmup: {exc.reason}") from None
+        warmed = self.batch_engine.start(lambda: self._warm_up(runner, warmup))
+        warmed.result()  # before the port opens: the first request does not pay for compilation
         log.info(
             "model %s ready in %.1f s: %s%s on %s (%s)%s",
             self.name,
@@ -117,6 +131,13 @@ class SDModel(kserve.Model):
         )
         self.ready = True
         return self.ready
+
+    @staticmethod
+    def _warm_up(runner: PipelineRunner, requests: list) -> None:
+        for request in requests:
+            started = time.perf_counter()
+            runner.run([request])
+            log.info("warmed up %dx%d in %.1f s", request.width, request.height, time.perf_counter() - started)
 
     # -- lifecycle and health ----------------------------------------------------------------
     def stop(self) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .engine import EngineSettings
 from .model_store import LoadOptions
+from .optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
 from .predictor import ModelSettings, Policy
 from .request import Limits
 
@@ -49,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vae_slicing", action="store_true", help="decode a batch one image at a time")
     model.add_argument("--drop_t5", action="store_true",
                        help="SD3: do not load the T5-XXL text encoder (saves ~9 GB; prompts use the CLIP encoders only)")
+    speed = parser.add_argument_group("speed (each off by default: the plain diffusers path)")
+    speed.add_argument("--fuse_qkv", action="store_true", help="fuse attention's Q, K and V projections")
+    speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for UNet and VAE")
+    speed.add_argument("--compile", default="none", choices=list(COMPILE_TARGETS),
+                       help="torch.compile the denoiser, or the denoiser and the VAE decoder (all)")
+    speed.add_argument("--compile_mode", default="default", choices=list(COMPILE_MODES),
+                       help="inductor mode; reduce-overhead adds CUDA graphs")
+    speed.add_argument("--warmup", default="", metavar="WxH,...",
+                       help="sizes generated once at start-up (compiles them before the server is ready)")
+    speed.add_argument("--compile_cache_dir", default=None,
+                       help="inductor/Triton kernel cache (default: $TORCHINDUCTOR_CACHE_DIR); keep it on a volume")
     model.add_argument("--download_dir", default=None,
                        help="where remote model locations are downloaded (default: $XDG_CACHE_HOME/sdserve/models)")
     model.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
@@ -125,6 +137,14 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                 config_dir=args.config_dir,
                 lora_dir=args.lora_dir,
                 load_options=LoadOptions(args.offload, args.vae_tiling, args.vae_slicing, args.drop_t5),
+                optimizations=Optimizations(
+                    fuse_qkv=args.fuse_qkv,
+                    channels_last=args.channels_last,
+                    compile=args.compile,
+                    compile_mode=args.compile_mode,
+                    warmup=parse_sizes(args.warmup),
+                    compile_cache_dir=args.compile_cache_dir,
+                ),
                 device=args.device,
                 dtype=args.dtype,
                 default_steps=args.default_steps,
