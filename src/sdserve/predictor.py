@@ -86,22 +86,34 @@ class SDModel(kserve.Model):
         self.parser: RequestParser | None = None
         self.tokenizers: dict = {}
         self.adapters: Adapters | None = None
+        self.runner: PipelineRunner | None = None
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
 
     def load(self) -> bool:
+        """Load, optimise and warm up on the worker thread, and return once it can generate.
+
+        The worker does it all because it owns the pipelines from the first tensor on: on a CPU,
+        a second thread running torch work gets its own OpenMP pool, and the two slow each other
+        down severalfold; on a GPU, CUDA graphs are recorded per thread."""
+        self.batch_engine = Engine(lambda requests, stop: self.runner.run(requests, stop), self.engine_settings)
+        self.batch_engine.start(self._prepare).result()
+        self.ready = True
+        return self.ready
+
+    def _prepare(self) -> None:
         s = self.settings
+        started = time.perf_counter()
         model_dir = storage.local_path(s.model_dir, s.download_dir)
         refiner_dir = storage.local_path(s.refiner_dir, s.download_dir) if s.refiner_dir else None
         layout = model_store.discover(model_dir, refiner_dir, s.config_dir)
         device = model_store.resolve_device(s.device)
         dtype = model_store.resolve_dtype(s.dtype, device)
-        started = time.perf_counter()
         self.loaded = model_store.load(layout, device, dtype, s.default_steps, s.load_options)
         lora_dir = Path(storage.local_path(s.lora_dir, s.download_dir)) if s.lora_dir else Path(model_dir) / "loras"
         self.adapters = Adapters(lora_dir)
-        self.adapters.load_all(self.loaded.base)  # before the worker starts: this thread still owns the GPU
+        self.adapters.load_all(self.loaded.base)
         self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
         opts = s.optimizations
@@ -110,15 +122,16 @@ class SDModel(kserve.Model):
             optimize.apply(self.loaded.refiner, opts, include_vae=False)
         if done:
             log.info("optimisations: %s", ", ".join(done))
-        runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
-        self.batch_engine = Engine(runner.run, self.engine_settings)
+        self.runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
         try:
             warmup = [self.parser.parse({"prompt": "warm-up", "width": w, "height": h, "num_inference_steps": 2,
                                          "seed": 0}) for w, h in opts.warmup]
         except InvalidInput as exc:
             raise model_store.ModelStoreError(f"--warmup: {exc.reason}") from None
-        warmed = self.batch_engine.start(lambda: self._warm_up(runner, warmup))
-        warmed.result()  # before the port opens: the first request does not pay for compilation
+        for request in warmup:  # so the first request does not pay for compilation
+            warm_started = time.perf_counter()
+            self.runner.run([request])
+            log.info("warmed up %dx%d in %.1f s", request.width, request.height, time.perf_counter() - warm_started)
         log.info(
             "model %s ready in %.1f s: %s%s on %s (%s)%s",
             self.name,
@@ -129,15 +142,6 @@ class SDModel(kserve.Model):
             dtype,
             f", LoRA adapters: {', '.join(self.adapters.names())}" if self.adapters.names() else "",
         )
-        self.ready = True
-        return self.ready
-
-    @staticmethod
-    def _warm_up(runner: PipelineRunner, requests: list) -> None:
-        for request in requests:
-            started = time.perf_counter()
-            runner.run([request])
-            log.info("warmed up %dx%d in %.1f s", request.width, request.height, time.perf_counter() - started)
 
     # -- lifecycle and health ----------------------------------------------------------------
     def stop(self) -> None:
