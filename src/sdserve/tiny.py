@@ -95,7 +95,7 @@ def write_clip_tokenizer_files(dest: Path, merges_count: int = 96) -> int:
     return len(vocab)
 
 
-def _tokenizer(scratch: Path, pad_token: str):
+def clip_tokenizer(scratch: Path, pad_token: str):
     from transformers import CLIPTokenizer
 
     write_clip_tokenizer_files(scratch)
@@ -176,8 +176,8 @@ def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(scratch / "tok1", "<|endoftext|>")
-    tokenizer_2 = _tokenizer(scratch / "tok2", "!")
+    tokenizer = clip_tokenizer(scratch / "tok1", "<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(scratch / "tok2", "!")
     base = StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, projection=False)),
@@ -211,7 +211,7 @@ def build_sd(scratch: Path, seed: int = 0):
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(scratch / "tok", "<|endoftext|>")
+    tokenizer = clip_tokenizer(scratch / "tok", "<|endoftext|>")
     return StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, projection=False)),
@@ -241,8 +241,8 @@ def build_sd3(scratch: Path, seed: int = 0):
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tokenizer = _tokenizer(scratch / "tok1", "<|endoftext|>")
-    tokenizer_2 = _tokenizer(scratch / "tok2", "!")
+    tokenizer = clip_tokenizer(scratch / "tok1", "<|endoftext|>")
+    tokenizer_2 = clip_tokenizer(scratch / "tok2", "!")
     tokenizer_3 = _t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_layers=2,
                                  num_heads=4, pad_token_id=0, eos_token_id=1))
@@ -382,13 +382,13 @@ def write_single_file(pipeline, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
     config = dest / "config"
-    _save(pipeline, config)
+    save_pipeline(pipeline, config)
     for weights_file in config.glob("*/*.safetensors"):
         weights_file.unlink()  # the config folder holds configs and tokenizers only
     return dest / "model.safetensors"
 
 
-def _save(pipeline, dest: Path) -> None:
+def save_pipeline(pipeline, dest: Path) -> None:
     """save_pretrained, with tokenizers stored as vocab.json + merges.txt as in the SDXL repos
     (so loading goes through the same files a real model has)."""
     pipeline.save_pretrained(dest, safe_serialization=True)
@@ -410,17 +410,17 @@ def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0
     with tempfile.TemporaryDirectory() as scratch:
         if kind in ("sd", "sd-single-file"):
             base = build_sd(Path(scratch), seed)
-            write_single_file(base, dest) if kind == "sd-single-file" else _save(base, dest)
+            write_single_file(base, dest) if kind == "sd-single-file" else save_pipeline(base, dest)
         elif kind == "sd3":
             base = build_sd3(Path(scratch), seed)
-            _save(base, dest)
+            save_pipeline(base, dest)
         elif kind == "sdxl":
             base, _ = build_sdxl(Path(scratch), seed=seed)
-            _save(base, dest)
+            save_pipeline(base, dest)
         else:
             base, refiner = build_sdxl(Path(scratch), with_refiner=True, seed=seed)
-            _save(base, dest / "base")
-            _save(refiner, dest / "refiner")
+            save_pipeline(base, dest / "base")
+            save_pipeline(refiner, dest / "refiner")
         for i, name in enumerate(loras):
             write_lora(base, dest / "loras" / name, seed=seed + 1 + i)
     return dest

@@ -1,0 +1,36 @@
+"""The benchmark harness runs end to end (CPU, tiny models) and its full-size builder matches the
+SDXL architecture configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_full_size_model_has_sdxl_parameter_counts():
+    sys.path.insert(0, str(BENCH))
+    import full_size
+
+    base, refiner = full_size.build("meta")  # shapes only: no memory, no time
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert round(count(base.unet) / 1e6) == 2567 and round(count(refiner.unet) / 1e6) == 2260
+    assert round(count(base.text_encoder_2) / 1e6) == 695 and refiner.text_encoder_2 is base.text_encoder_2
+
+
+def test_harness_runs_on_cpu(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--runs", "2", "--warmup", "1", "--steps", "4",
+         "--clients", "1", "4", "--requests_per_client", "1", "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("cpu-*.json")
+    report = json.loads(result.read_text())
+    for key in ("device", "torch", "diffusers", "unet_it_per_s", "e2e_ratio_vs_diffusers", "mlperf_images_per_s"):
+        assert report[key], key
+    assert len(report["baseline"]["latency_s"]["runs"]) == 2 and report["server"]["cold_start_s"] > 0
+    assert [m["clients"] for m in report["server"]["mlperf"]] == [1, 4]
+    assert result.with_suffix(".md").read_text().startswith("# sdserve benchmark")
+    assert "3/5/6/8. HTTP server" in result.with_suffix(".log").read_text()
