@@ -136,8 +136,8 @@ def test_out_of_memory_is_retried_in_halves_then_507(models, start_server):
 
 
 def test_a_stuck_worker_turns_readiness_and_liveness_false(models, start_server):
-    server = start_server("--model_dir", str(models["sdxl"]), "--stuck_after", "2", model_name="stuck",
-                          env={"SDSERVE_FAULT_HANG_PROMPT": "hang", "SDSERVE_FAULT_HANG_SECONDS": "60"})
+    server = start_server("--model_dir", str(models["sdxl"]), "--stuck_after", "2", "--grace_period", "1",
+                          model_name="stuck", env={"SDSERVE_FAULT_HANG_PROMPT": "hang", "SDSERVE_FAULT_HANG_SECONDS": "15"})
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(server.predict, {"instances": [{"prompt": "hang", "num_inference_steps": 2}]}, timeout=5)

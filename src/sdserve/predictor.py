@@ -1,7 +1,8 @@
 """The ``kserve.Model``: glue between KServe's data plane and sdserve's engine.
 
-``load()`` builds the model store and the engine (once, before the server opens its ports);
-``predict()`` hands a v1 dict or a v2 ``InferRequest`` to its protocol adapter.
+``load()`` starts the engine, whose worker loads the model (once, before the server opens its
+ports); ``predict()`` hands a v1 dict or a v2 ``InferRequest`` to its protocol adapter, and
+``generate_openai()`` does the same for the OpenAI route.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from kserve.errors import InvalidInput
 from . import metrics, model_store, optimize, storage
 from .adapters import Adapters
 from .engine import Engine, EngineSettings
-from .optimize import Optimizations
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
+from .optimize import Optimizations
 from .prompts import counting_tokenizers, prompt_warnings
 from .protocol import openai_images, v1, v2
 from .request import Limits, RequestParser
@@ -145,8 +146,10 @@ class SDModel(kserve.Model):
 
     # -- lifecycle and health ----------------------------------------------------------------
     def stop(self) -> None:
+        # Called at shutdown, after the SIGTERM drain has already waited the grace period: a worker
+        # still busy now is stuck, and the process exits without it.
         if self.batch_engine is not None:
-            self.batch_engine.stop(timeout=30)
+            self.batch_engine.stop(timeout=5)
         self.ready = False
 
     async def drain(self, grace_s: float) -> bool:

@@ -4,6 +4,7 @@ with underscores like KServe's. Nothing here runs at import time."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -117,6 +118,12 @@ class ServerConfig:
     policy: Policy
 
 
+def _from_args(cls, args: argparse.Namespace, **overrides):
+    """A settings dataclass from the flags of the same names (plus ``overrides``)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{n: getattr(args, n) for n in names if hasattr(args, n)}, **overrides})
+
+
 def load_config(argv: list[str] | None = None) -> ServerConfig:
     """Parse and validate the server's flags; exits with a usage error naming the bad flag."""
     parser = build_parser()
@@ -131,41 +138,16 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     try:
         return ServerConfig(
             args=args,
-            model=ModelSettings(
-                model_dir=args.model_dir,
-                refiner_dir=args.refiner_dir,
-                config_dir=args.config_dir,
-                lora_dir=args.lora_dir,
-                load_options=LoadOptions(args.offload, args.vae_tiling, args.vae_slicing, args.drop_t5),
-                optimizations=Optimizations(
-                    fuse_qkv=args.fuse_qkv,
-                    channels_last=args.channels_last,
-                    compile=args.compile,
-                    compile_mode=args.compile_mode,
-                    warmup=parse_sizes(args.warmup),
-                    compile_cache_dir=args.compile_cache_dir,
-                ),
-                device=args.device,
-                dtype=args.dtype,
-                default_steps=args.default_steps,
-                download_dir=args.download_dir,
+            model=_from_args(
+                ModelSettings,
+                args,
+                load_options=_from_args(LoadOptions, args),
+                optimizations=_from_args(Optimizations, args, warmup=parse_sizes(args.warmup)),
             ),
-            limits=Limits(
-                max_side=args.max_side,
-                max_pixels=args.max_pixels,
-                max_steps=args.max_steps,
-                max_images=args.max_images,
-                max_prompt_length=args.max_prompt_length,
-            ),
-            engine=EngineSettings(
-                max_batch_images=args.max_batch_images,
-                max_wait_ms=args.max_batch_wait_ms,
-                max_queue=args.max_queue,
-                retry_after_s=args.retry_after,
-            ),
-            policy=Policy(
-                request_timeout_s=args.request_timeout,
-                stuck_after_s=args.stuck_after,
+            limits=_from_args(Limits, args),
+            engine=_from_args(EngineSettings, args, max_wait_ms=args.max_batch_wait_ms, retry_after_s=args.retry_after),
+            policy=_from_args(
+                Policy, args, request_timeout_s=args.request_timeout, stuck_after_s=args.stuck_after,
                 api_key=args.api_key or None,
             ),
         )
