@@ -61,7 +61,8 @@ def test_server_warms_up_before_it_is_ready(models, start_server):
                           model_name="fast")
     log = server.log()
     assert "optimisations: fused QKV, channels_last" in log
-    assert log.index("warmed up 64x96") < log.index("Uvicorn running")
+    assert "warmed up 128x128, batch of 1" in log and "warmed up 128x128, batch of 4" in log
+    assert log.index("warmed up 64x96, batch of 4") < log.index("Uvicorn running")
     r = server.predict({"instances": [{"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 2}]})
     assert r.status_code == 200
 

@@ -124,15 +124,20 @@ class SDModel(kserve.Model):
         if done:
             log.info("optimisations: %s", ", ".join(done))
         self.runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
+        # One image, then a full batch, per size: compiled graphs are specialised to shapes, and the
+        # second batch size makes torch.compile treat the batch as dynamic, so no later batch size
+        # compiles again while serving.
+        batches = sorted({1, min(self.engine_settings.max_batch_images, self.limits.max_images)})
         try:
             warmup = [self.parser.parse({"prompt": "warm-up", "width": w, "height": h, "num_inference_steps": 2,
-                                         "seed": 0}) for w, h in opts.warmup]
+                                         "seed": 0, "num_images": n}) for w, h in opts.warmup for n in batches]
         except InvalidInput as exc:
             raise model_store.ModelStoreError(f"--warmup: {exc.reason}") from None
-        for request in warmup:  # so the first request does not pay for compilation
+        for request in warmup:  # so that no request pays for compilation
             warm_started = time.perf_counter()
             self.runner.run([request])
-            log.info("warmed up %dx%d in %.1f s", request.width, request.height, time.perf_counter() - warm_started)
+            log.info("warmed up %dx%d, batch of %d, in %.1f s", request.width, request.height, request.num_images,
+                     time.perf_counter() - warm_started)
         log.info(
             "model %s ready in %.1f s: %s%s on %s (%s)%s",
             self.name,
