@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--compile", default="none", choices=["none", "denoiser", "all"])
     parser.add_argument("--compile_mode", default="default")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--tag", default="", help="added to the result file names, e.g. 'compiled'")
     parser.add_argument("--phase", choices=["baseline", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--phase_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -305,7 +306,7 @@ def main() -> None:
     args.clients = args.clients or ([1, 4, 8] if device.type == "cuda" else [1, 16])
     date = datetime.date.today().isoformat()
     name = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else f"cpu-{platform.machine()}"
-    stem = f"{name}-{date}"
+    stem = f"{name}-{date}" + (f"-{args.tag}" if args.tag else "")
     args.results.mkdir(parents=True, exist_ok=True)
     server_log = args.results / f"{stem}.server.log"
     server_log.unlink(missing_ok=True)

@@ -124,10 +124,12 @@ class SDModel(kserve.Model):
         if done:
             log.info("optimisations: %s", ", ".join(done))
         self.runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
-        # One image, then a full batch, per size: compiled graphs are specialised to shapes, and the
-        # second batch size makes torch.compile treat the batch as dynamic, so no later batch size
-        # compiles again while serving.
-        batches = sorted({1, min(self.engine_settings.max_batch_images, self.limits.max_images)})
+        # Compiled graphs are specialised to shapes. Per size: one image, a full batch (torch.compile
+        # then treats the batch as dynamic, but only from that size up, because of branches on the
+        # batch size inside diffusers), and two images (dynamic below it too), so that no batch
+        # size compiles again while serving.
+        most = min(self.engine_settings.max_batch_images, self.limits.max_images)
+        batches = list(dict.fromkeys([1, most, min(2, most)]))
         try:
             warmup = [self.parser.parse({"prompt": "warm-up", "width": w, "height": h, "num_inference_steps": 2,
                                          "seed": 0, "num_images": n}) for w, h in opts.warmup for n in batches]
