@@ -225,6 +225,14 @@ class RequestParser:
         self.model = model
         self.adapters = adapters or NoAdapters()
 
+    def check_total_images(self, requests: list[GenerationRequest], field: str) -> None:
+        """One HTTP/gRPC request may carry several prompts; together they get --max_images."""
+        total = sum(r.num_images for r in requests)
+        if total > self.limits.max_images:
+            raise InvalidInput(
+                f"{field}: {total} images asked for in one request; the server limit is {self.limits.max_images}"
+            )
+
     def check_fields(self, values: Mapping[str, Any], where: str = "") -> None:
         """Reject unknown field names in a partial set of parameters (e.g. shared defaults)."""
         _Fields(values, where)

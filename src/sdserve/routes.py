@@ -1,7 +1,8 @@
-"""Routes sdserve adds to KServe's FastAPI app: the OpenAI Images API, the playground page, and
-health checks that know about draining and a stuck worker.
+"""Routes sdserve adds to KServe's FastAPI app: the OpenAI Images API, the playground page, health
+checks that know about draining and a stuck worker, and model information that lists adapters.
 
-Registered before KServe's own routes, so for the two health paths these are the ones that answer.
+Registered before KServe's own routes, so where both have a path (the health checks, the v1 model
+status and the v2 model metadata) these are the ones that answer.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ def register(app: FastAPI, model: SDModel) -> None:
         except ModelNotServed as exc:
             return JSONResponse(error_body(str(exc), "invalid_request_error", "model_not_found"), 404, headers)
         except ServingError as exc:
-            kind = "server_error"
-            return JSONResponse(error_body(str(exc), kind), exc.http_status, {**headers, **exc.headers()})
+            return JSONResponse(error_body(str(exc), "server_error"), exc.http_status, {**headers, **exc.headers()})
         return JSONResponse(response, headers=headers)
 
     @router.get("/v2/health/ready")

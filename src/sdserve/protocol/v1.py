@@ -14,7 +14,7 @@ from typing import Any
 from kserve.errors import InvalidInput
 
 from ..imaging import b64, encode_image
-from ..request import GenerationRequest, GenerationResult, Limits, RequestParser
+from ..request import GenerationRequest, GenerationResult, RequestParser
 
 TOP_LEVEL = ("instances", "parameters")
 
@@ -43,7 +43,7 @@ def parse_v1(payload: Any, parser: RequestParser) -> list[GenerationRequest]:
         parser.parse({**defaults, **_instance_values(inst, i)}, f"instances[{i}].")
         for i, inst in enumerate(instances)
     ]
-    _check_total_images(requests, parser.limits)
+    parser.check_total_images(requests, "instances")
     return requests
 
 
@@ -59,14 +59,6 @@ def _instance_values(instance: Any, index: int) -> dict[str, Any]:
             raise InvalidInput(f"{where}.data: give the prompt as either 'prompt' or 'data', not both")
         values["prompt"] = values.pop("data")
     return values
-
-
-def _check_total_images(requests: list[GenerationRequest], limits: Limits) -> None:
-    total = sum(r.num_images for r in requests)
-    if total > limits.max_images:
-        raise InvalidInput(
-            f"instances: {total} images asked for in one request; the server limit is {limits.max_images}"
-        )
 
 
 def encode_prediction(

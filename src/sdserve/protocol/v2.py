@@ -166,11 +166,7 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
         if negatives is not None:
             values[NEGATIVE_PROMPT] = negatives[i]
         requests.append(parser.parse(values))
-    total = sum(r.num_images for r in requests)
-    if total > parser.limits.max_images:
-        raise InvalidInput(
-            f"{PROMPT}: {total} images asked for in one request; the server limit is {parser.limits.max_images}"
-        )
+    parser.check_total_images(requests, PROMPT)
     image_binary = request.from_grpc or (
         any(o.name == "image" and o.binary_data for o in requested) if requested else binary_default
     )
