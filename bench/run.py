@@ -354,6 +354,8 @@ def main() -> None:
     log(json.dumps({k: report[k] for k in ("e2e_ratio_vs_diffusers", "http_over_engine", "unet_it_per_s",
                                           "mlperf_images_per_s", "concurrency_gain")}, indent=2))
     log(f"wrote {args.results / stem}.json, .md, .log and .server.log")
+    for raw in (LOG, server_log):  # results are committed: keep this checkout's path out of them
+        raw.write_text(raw.read_text().replace(str(ROOT), "."))
 
 
 if __name__ == "__main__":
