@@ -12,7 +12,7 @@ import json
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -154,7 +154,6 @@ class GenerationResult:
     queue_seconds: float = 0.0
     generate_seconds: float = 0.0
     batch_images: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # Every accepted field, with a short description (used in error messages and docs).
