@@ -13,12 +13,8 @@ from grpc_interceptor.exceptions import GrpcException
 class ServingError(GrpcException):
     http_status = 500
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
     def __str__(self) -> str:
-        return self.message
+        return self.details  # the message, as GrpcException keeps it for the gRPC status
 
     def headers(self) -> dict[str, str]:
         return {}

@@ -86,30 +86,36 @@ def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tu
 
 
 def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+    """The server's own model and engine, without the server."""
+    import asyncio
+
     from kserve.errors import InvalidInput
 
-    from . import model_store
-    from .adapters import Adapters
-    from .request import Limits, RequestParser
-    from .runner import PipelineRunner
+    from .engine import EngineSettings
+    from .model_store import ModelStoreError
+    from .predictor import ModelSettings, SDModel
+    from .request import Limits
 
-    device = model_store.resolve_device(args.device)
-    loaded = model_store.load(
-        model_store.discover(args.model_dir, args.refiner_dir), device, model_store.resolve_dtype(args.dtype, device)
-    )
-    for pipeline in (loaded.base, loaded.refiner):
+    limits = Limits()
+    settings = ModelSettings(model_dir=args.model_dir, refiner_dir=args.refiner_dir, lora_dir=args.lora_dir,
+                             device=args.device, dtype=args.dtype)
+    model = SDModel(Path(args.model_dir).name, settings, limits, EngineSettings(max_batch_images=limits.max_images))
+    try:
+        model.load()
+    except ModelStoreError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for pipeline in (model.loaded.base, model.loaded.refiner):
         if pipeline is not None:
             pipeline.set_progress_bar_config(disable=False)
-    adapters = Adapters(Path(args.lora_dir) if args.lora_dir else Path(args.model_dir) / "loras")
     try:
-        request = RequestParser(Limits(), loaded.capabilities, adapters).parse({"prompt": args.prompt, **params})
+        request = model.parser.parse({"prompt": args.prompt, **params})
     except InvalidInput as exc:
         raise SystemExit(f"error: {exc.reason}") from None
-    images = PipelineRunner(loaded, max_batch_images=request.num_images, adapters=adapters).run([request])[0]
-    name = Path(args.model_dir).name
+    (result,) = asyncio.run(model.batch_engine.generate([request], "cli"))
+    model.stop()
     return [
-        (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, name)), seed)
-        for img, seed in zip(images, request.seeds)
+        (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, model.name)), seed)
+        for img, seed in zip(result.images, result.seeds)
     ]
 
 

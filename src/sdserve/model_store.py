@@ -210,13 +210,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def _load_pipeline(cls, layout_base: Path, dtype: torch.dtype, config: Path | None = None, **components):
+def _load_pipeline(cls, layout_base: Path, index: dict[str, Any], dtype: torch.dtype, config: Path | None = None,
+                   **components):
     if config is not None:  # single file, configs and tokenizers from a local folder
         loader = cls.from_single_file
         args = dict(config=str(config), local_files_only=True, dtype=dtype, **components)
         source = str(layout_base)
     else:
-        variant = weight_variant(layout_base, read_model_index(layout_base))
+        variant = weight_variant(layout_base, index)
         loader = cls.from_pretrained
         args = dict(dtype=dtype, use_safetensors=True, local_files_only=True, variant=variant, **components)
         source = layout_base
@@ -270,11 +271,12 @@ def load(
     if family == "sd3" and options.drop_t5:
         extra = {"text_encoder_3": None, "tokenizer_3": None}
     log.info("loading %s from %s (%s, %s)", class_name, layout.base, device, dtype)
-    base = _place(_load_pipeline(cls, layout.base, dtype, layout.config, **extra), device, options)
+    base = _place(_load_pipeline(cls, layout.base, base_index, dtype, layout.config, **extra), device, options)
 
     refiner = None
     if layout.refiner is not None:
-        refiner_class = read_model_index(layout.refiner)["_class_name"]
+        refiner_index = read_model_index(layout.refiner)
+        refiner_class = refiner_index["_class_name"]
         if class_name != "StableDiffusionXLPipeline" or refiner_class != REFINER_PIPELINE:
             raise ModelStoreError(
                 f"refiner {layout.refiner} is a {refiner_class} for a {class_name} base; a refiner "
@@ -285,6 +287,7 @@ def load(
             _load_pipeline(
                 diffusers.StableDiffusionXLImg2ImgPipeline,
                 layout.refiner,
+                refiner_index,
                 dtype,
                 text_encoder_2=base.text_encoder_2,
                 vae=base.vae,

@@ -65,7 +65,7 @@ def drain_on_sigterm(app, model, grace_s: float) -> None:
     async def lifespan(app_):
         loop = asyncio.get_running_loop()
         uvicorn_handler = signal.getsignal(signal.SIGTERM)
-        draining: list[asyncio.Task] = []
+        drain: list[asyncio.Task] = []  # at most one; also keeps the task referenced
 
         async def drain_then_exit(signum: int) -> None:
             log.info("SIGTERM: draining (up to %.0f s): not ready, new requests get 503", grace_s)
@@ -75,8 +75,8 @@ def drain_on_sigterm(app, model, grace_s: float) -> None:
                 uvicorn_handler(signum, None)
 
         def on_sigterm(signum, frame) -> None:
-            if not draining:  # a second SIGTERM changes nothing
-                draining.append(loop.create_task(drain_then_exit(signum)))
+            if not drain:  # a second SIGTERM changes nothing
+                drain.append(loop.create_task(drain_then_exit(signum)))
 
         signal.signal(signal.SIGTERM, lambda signum, frame: loop.call_soon_threadsafe(on_sigterm, signum, frame))
         async with original_lifespan(app_) as state:

@@ -294,44 +294,41 @@ def _ldm_unet(unet) -> dict:
     ``convert_ldm_unet_checkpoint`` for SD-style UNets."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers name -> original name
     renames = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
     per_level = unet.config.layers_per_block + 1
-    top = {v: k for k, v in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()}
     out = {}
     for key, value in unet.state_dict().items():
         parts = key.split(".")
-        if key in {d for d in top.values()}:
-            new = next(ldm for ldm, d in top.items() if d == key)
-        elif parts[0] in ("down_blocks", "up_blocks", "mid_block"):
-            if parts[0] == "mid_block":
-                index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
-                head, rest = f"middle_block.{index}", parts[3:]
-                kind = parts[1]
-            else:
-                level, kind = int(parts[1]), parts[2]
-                blocks = "input_blocks" if parts[0] == "down_blocks" else "output_blocks"
-                if kind in ("downsamplers", "upsamplers"):
-                    if kind == "downsamplers":
-                        head, rest = f"input_blocks.{(level + 1) * per_level}.0.op", parts[5:]
-                    else:
-                        has_attention = hasattr(unet.up_blocks[level], "attentions")
-                        head = f"output_blocks.{level * per_level + per_level - 1}.{2 if has_attention else 1}.conv"
-                        rest = parts[5:]
-                    out[f"model.diffusion_model.{head}.{'.'.join(rest)}"] = value
-                    continue
-                offset = 1 if parts[0] == "down_blocks" else 0
-                index = offset + level * per_level + int(parts[3])
-                head, rest = f"{blocks}.{index}.{0 if kind == 'resnets' else 1}", parts[4:]
-            tail = ".".join(rest)
-            if kind == "resnets":
-                for diffusers_name, ldm_name in renames:
-                    tail = tail.replace(diffusers_name, ldm_name)
-            new = f"{head}.{tail}"
+        if key in top:
+            new = top[key]
+        elif parts[0] == "mid_block":
+            index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
+            new = _ldm_block(f"middle_block.{index}", parts[1], parts[3:], renames)
+        elif parts[0] in ("down_blocks", "up_blocks") and parts[2] == "downsamplers":
+            new = f"input_blocks.{(int(parts[1]) + 1) * per_level}.0.op.{'.'.join(parts[5:])}"
+        elif parts[0] in ("down_blocks", "up_blocks") and parts[2] == "upsamplers":
+            level = int(parts[1])
+            position = 2 if hasattr(unet.up_blocks[level], "attentions") else 1
+            new = f"output_blocks.{level * per_level + per_level - 1}.{position}.conv.{'.'.join(parts[5:])}"
+        elif parts[0] in ("down_blocks", "up_blocks"):
+            down = parts[0] == "down_blocks"
+            index = (1 if down else 0) + int(parts[1]) * per_level + int(parts[3])
+            head = f"{'input_blocks' if down else 'output_blocks'}.{index}.{0 if parts[2] == 'resnets' else 1}"
+            new = _ldm_block(head, parts[2], parts[4:], renames)
         else:
             raise ValueError(f"no original-layout name for UNet weight {key}")
         out[f"model.diffusion_model.{new}"] = value
     return out
+
+
+def _ldm_block(head: str, kind: str, rest: list[str], renames) -> str:
+    tail = ".".join(rest)
+    if kind == "resnets":
+        for diffusers_name, ldm_name in renames:
+            tail = tail.replace(diffusers_name, ldm_name)
+    return f"{head}.{tail}"
 
 
 def _ldm_vae(vae) -> dict:
