@@ -4,7 +4,7 @@ DreamBooth LoRA training saves them).
 
 All adapters load at start-up as named peft adapters on the base pipeline. A folder added later is
 found the first time a request names it (the listing is re-read at most every few seconds) and
-loaded by the worker before that request's batch; the base weights stay as they are. Request names
+loaded by the worker when that request is admitted; the base weights stay as they are. Request names
 are only ever compared with the folder names found, never joined into a path.
 """
 
@@ -43,6 +43,7 @@ class Adapters:
         self._scanned_at = float("-inf")
         self._lock = threading.Lock()
         self._loaded: set[str] = set()
+        self._active: tuple[tuple[str, float], ...] | None = None  # what the pipeline has on now
         self.scan()
 
     def scan(self) -> dict[str, Path]:
@@ -84,6 +85,7 @@ class Adapters:
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise ModelStoreError(f"LoRA adapter {name} ({path}) does not fit this model: {exc}") from exc
         self._loaded.add(name)
+        self._active = None  # loading may change which adapters are on
         log.info("loaded LoRA adapter %s in %.2f s", name, time.perf_counter() - started)
 
     def load_all(self, pipeline) -> None:
@@ -91,16 +93,19 @@ class Adapters:
             self.load(pipeline, name)
         if self._loaded:
             pipeline.disable_lora()
+        self._active = ()
 
     def activate(self, pipeline, loras: tuple[tuple[str, float], ...]) -> None:
-        """Make exactly ``loras`` active (none: the base model, bit for bit)."""
+        """Make exactly ``loras`` active (none: the base model, bit for bit). The step loop calls
+        this before every call of a group, so switching is skipped when nothing changes."""
         for name, _ in loras:
             if name not in self._loaded:
                 self.load(pipeline, name)
-        if not self._loaded:
+        if not self._loaded or loras == self._active:
             return
         if loras:
             pipeline.enable_lora()
             pipeline.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
         else:
             pipeline.disable_lora()
+        self._active = loras

@@ -1,8 +1,8 @@
 """Fault injection for tests, off unless its environment variables are set.
 
-``SDSERVE_FAULT_OOM_PIXELS=N``: a pipeline call of more than N pixels (images x width x height)
+``SDSERVE_FAULT_OOM_PIXELS=N``: a denoiser call of more than N pixels (images x width x height)
 raises an out-of-memory error, as a GPU would. ``SDSERVE_FAULT_HANG_PROMPT=text``: a batch with
-that prompt sleeps in its first denoising step for ``SDSERVE_FAULT_HANG_SECONDS`` (default 3600),
+that prompt sleeps before its first denoising step for ``SDSERVE_FAULT_HANG_SECONDS`` (default 3600),
 as a wedged GPU would. They let the OOM recovery and the stuck-worker watchdog be tested on a CPU.
 """
 
@@ -39,6 +39,7 @@ class Faults:
                 f"CUDA out of memory (injected: {images} x {width}x{height} > {self.oom_pixels} pixels)"
             )
 
-    def on_step(self, prompts: list[str], step: int) -> None:
-        if self.hang_prompt is not None and step == 0 and self.hang_prompt in prompts:
+    def on_first_step(self, prompts: list[str]) -> None:
+        """Called with the prompts of the images about to take their first step."""
+        if self.hang_prompt is not None and self.hang_prompt in prompts:
             time.sleep(self.hang_seconds)

@@ -91,7 +91,9 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
 
     from kserve.errors import InvalidInput
 
-    from .engine import EngineSettings
+    from tqdm.auto import tqdm
+
+    from .generation import EngineSettings, Progress
     from .model_store import ModelStoreError
     from .predictor import ModelSettings, SDModel
     from .request import Limits
@@ -104,14 +106,16 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
         model.load()
     except ModelStoreError as exc:
         raise SystemExit(f"error: {exc}") from None
-    for pipeline in (model.loaded.base, model.loaded.refiner):
-        if pipeline is not None:
-            pipeline.set_progress_bar_config(disable=False)
     try:
         request = model.parser.parse({"prompt": args.prompt, **params})
     except InvalidInput as exc:
         raise SystemExit(f"error: {exc.reason}") from None
-    (result,) = asyncio.run(model.batch_engine.generate([request], "cli"))
+    with tqdm(unit="step", desc="denoising", file=sys.stderr) as bar:
+        def progress(p: Progress) -> None:  # the engine's progress hook: one call per image and step
+            bar.total = p.steps * request.num_images
+            bar.update(1)
+
+        (result,) = asyncio.run(model.batch_engine.generate([request], "cli", on_progress=progress))
     model.stop()
     return [
         (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, model.name)), seed)

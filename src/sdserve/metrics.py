@@ -7,16 +7,25 @@ _SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 18
 
 QUEUE_DEPTH = Gauge("sdserve_queue_depth", "Requests waiting for the GPU worker")
 BATCH_IMAGES = Histogram(
-    "sdserve_batch_size_images", "Images generated per batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+    "sdserve_batch_size_images", "Images in one denoiser call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 )
+ROWS_PER_CALL = Histogram(
+    "sdserve_denoiser_rows", "Rows in one denoiser call (two per image with classifier-free guidance)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128),
+)
+DENOISER_CALLS = Counter("sdserve_denoiser_calls", "Denoiser calls (one step of every image in them)", ["phase"])
+ACTIVE_IMAGES = Gauge("sdserve_active_images", "Images admitted to the step loop and not yet finished")
 IMAGES = Counter("sdserve_images_generated", "Images generated")
 GENERATION_SECONDS = Histogram(
-    "sdserve_generation_seconds", "Wall time of one batch through the pipelines", buckets=_SECONDS
+    "sdserve_generation_seconds", "Time from a request's admission to its last image decoded", buckets=_SECONDS
 )
-QUEUE_SECONDS = Histogram("sdserve_queue_wait_seconds", "Time a request waited before its batch started", buckets=_SECONDS)
+QUEUE_SECONDS = Histogram("sdserve_queue_wait_seconds", "Time a request waited in the queue before admission",
+                          buckets=_SECONDS)
+FIRST_STEP_SECONDS = Histogram("sdserve_time_to_first_step_seconds", "Time from a request's arrival to its first "
+                               "denoising step", buckets=_SECONDS)
 REQUEST_SECONDS = Histogram(
     "sdserve_request_seconds", "Time from request parsed to response encoded", ["protocol"], buckets=_SECONDS
 )
 REQUESTS = Counter("sdserve_requests", "Generation requests received", ["protocol"])
 FAILURES = Counter("sdserve_request_failures", "Requests that failed, by reason", ["reason"])
-OOM_RETRIES = Counter("sdserve_oom_retries", "Pipeline calls that ran out of memory and were retried in halves")
+OOM_RETRIES = Counter("sdserve_oom_retries", "Denoiser or VAE calls that ran out of memory and were retried in halves")

@@ -22,13 +22,13 @@ from kserve.errors import InvalidInput
 
 from . import metrics, model_store, optimize, storage
 from .adapters import Adapters
-from .engine import Engine, EngineSettings
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .optimize import Optimizations
 from .prompts import counting_tokenizers, prompt_warnings
 from .protocol import openai_images, v1, v2
-from .request import Limits, RequestParser
-from .runner import PipelineRunner
+from .generation import Engine, EngineSettings, ModelBackend
+from .generation.policy import buckets
+from .request import GenerationRequest, Limits, RequestParser
 
 log = logging.getLogger("sdserve")
 
@@ -87,7 +87,6 @@ class SDModel(kserve.Model):
         self.parser: RequestParser | None = None
         self.tokenizers: dict = {}
         self.adapters: Adapters | None = None
-        self.runner: PipelineRunner | None = None
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
@@ -98,12 +97,12 @@ class SDModel(kserve.Model):
         The worker does it all because it owns the pipelines from the first tensor on: on a CPU,
         a second thread running torch work gets its own OpenMP pool, and the two slow each other
         down severalfold; on a GPU, CUDA graphs are recorded per thread."""
-        self.batch_engine = Engine(lambda requests, stop: self.runner.run(requests, stop), self.engine_settings)
-        self.batch_engine.start(self._prepare).result()
+        self.batch_engine = Engine(self.engine_settings)
+        self.batch_engine.start(self._prepare, self._warmup).result()
         self.ready = True
         return self.ready
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> ModelBackend:
         s = self.settings
         started = time.perf_counter()
         model_dir = storage.local_path(s.model_dir, s.download_dir)
@@ -123,25 +122,8 @@ class SDModel(kserve.Model):
             optimize.apply(self.loaded.refiner, opts, include_vae=False)
         if done:
             log.info("optimisations: %s", ", ".join(done))
-        self.runner = PipelineRunner(self.loaded, self.engine_settings.max_batch_images, adapters=self.adapters)
-        # Compiled graphs are specialised to shapes. Per size: one image, a full batch (torch.compile
-        # then treats the batch as dynamic, but only from that size up, because of branches on the
-        # batch size inside diffusers), and two images (dynamic below it too), so that no batch
-        # size compiles again while serving.
-        most = min(self.engine_settings.max_batch_images, self.limits.max_images)
-        batches = list(dict.fromkeys([1, most, min(2, most)]))
-        try:
-            warmup = [self.parser.parse({"prompt": "warm-up", "width": w, "height": h, "num_inference_steps": 2,
-                                         "seed": 0, "num_images": n}) for w, h in opts.warmup for n in batches]
-        except InvalidInput as exc:
-            raise model_store.ModelStoreError(f"--warmup: {exc.reason}") from None
-        for request in warmup:  # so that no request pays for compilation
-            warm_started = time.perf_counter()
-            self.runner.run([request])
-            log.info("warmed up %dx%d, batch of %d, in %.1f s", request.width, request.height, request.num_images,
-                     time.perf_counter() - warm_started)
         log.info(
-            "model %s ready in %.1f s: %s%s on %s (%s)%s",
+            "model %s loaded in %.1f s: %s%s on %s (%s)%s",
             self.name,
             time.perf_counter() - started,
             self.loaded.capabilities.pipeline_class,
@@ -150,6 +132,25 @@ class SDModel(kserve.Model):
             dtype,
             f", LoRA adapters: {', '.join(self.adapters.names())}" if self.adapters.names() else "",
         )
+        return ModelBackend(self.loaded, self.adapters, pad_rows=opts.compile != "none")
+
+    def _warmup(self, backend: ModelBackend) -> list[tuple[str, list[GenerationRequest]]]:
+        """For each --warmup size, denoiser calls of every padded row count (1, 2, 4, ... up to
+        2 x --max_batch_images): compiled graphs are specialised to shapes, and none should compile
+        while serving. One row is an image without guidance; two rows, an image with it."""
+        most = self.engine_settings.max_batch_images
+        plan = []
+        for width, height in self.settings.optimizations.warmup:
+            for rows in buckets(2 * most):
+                values = {"prompt": "warm-up", "width": width, "height": height, "num_inference_steps": 2, "seed": 0,
+                          "guidance_scale": 1.0 if rows == 1 else 5.0}
+                images = max(1, rows // 2)
+                try:
+                    requests = [self.parser.parse({**values, "num_images": 1}) for _ in range(images)]
+                except InvalidInput as exc:
+                    raise model_store.ModelStoreError(f"--warmup: {exc.reason}") from None
+                plan.append((f"{width}x{height}, {rows} denoiser row(s)", requests))
+        return plan
 
     # -- lifecycle and health ----------------------------------------------------------------
     def stop(self) -> None:

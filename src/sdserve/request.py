@@ -106,25 +106,10 @@ class GenerationRequest:
         """One seed per image: image i uses seed + i, so each image can be reproduced alone."""
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (prompts and seeds may differ)."""
-        return (
-            self.width,
-            self.height,
-            self.num_inference_steps,
-            self.guidance_scale,
-            self.scheduler,
-            self.refiner,
-            self.high_noise_frac if self.refiner is RefinerMode.ENSEMBLE else None,
-            self.refiner_strength if self.refiner is RefinerMode.REFINE else None,
-            self.original_size,
-            self.crops_coords_top_left,
-            self.target_size,
-            # SDXL zeroes the negative embedding when no negative prompt is given, so "none" and
-            # "some" cannot share a call without changing the images.
-            self.negative_prompt is None,
-            self.loras,
-        )
+    def negative(self, encoder: int) -> str:
+        """Negative prompt for text encoder ``encoder`` (1-3): its own, else the first, else ""."""
+        own = {1: self.negative_prompt, 2: self.negative_prompt_2, 3: self.negative_prompt_3}[encoder]
+        return own or self.negative_prompt or ""
 
     def image_parameters(self, seed: int, model: str) -> dict[str, Any]:
         """What reproduces one image of this request alone (stored in its PNG)."""

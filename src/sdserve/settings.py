@@ -8,7 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from .engine import EngineSettings
+from .generation import EngineSettings
 from .model_store import LoadOptions
 from .optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
 from .predictor import ModelSettings, Policy
@@ -79,14 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_prompt_length", type=int, default=defaults.max_prompt_length,
                         help="longest prompt, in characters")
 
-    batching = parser.add_argument_group("batching and queueing")
+    batching = parser.add_argument_group("step scheduling and queueing")
     engine = EngineSettings()
     batching.add_argument("--max_batch_images", type=int, default=engine.max_batch_images,
-                          help="most images in one pipeline call (compatible requests are batched)")
+                          help="most images in one denoiser call (two rows each with guidance): the memory bound")
+    batching.add_argument("--max_active_images", type=int, default=None,
+                          help="most images admitted to the step loop at once (default: 4 x --max_batch_images); "
+                          "more requests wait in the queue")
     batching.add_argument("--max_batch_wait_ms", type=float, default=engine.max_wait_ms,
-                          help="how long the worker waits for more compatible requests before starting a batch")
+                          help="how long an idle worker waits for more requests before its first step")
     batching.add_argument("--max_queue", type=int, default=engine.max_queue,
-                          help="requests that may wait; beyond this the server answers 503 with Retry-After")
+                          help="requests that may wait for admission; beyond this the server answers 503 with Retry-After")
     batching.add_argument("--retry_after", type=int, default=engine.retry_after_s,
                           help="seconds suggested in Retry-After when the queue is full")
 

@@ -1,0 +1,71 @@
+"""The loaded model as the step loop drives it: its phases, its LoRA adapters, and the admission of
+new images (prompt encoding in batches, a scheduler and starting latents per image)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import torch
+
+from ..adapters import Adapters
+from ..faults import Faults
+from ..model_store import LoadedModel
+from ..request import GenerationRequest, RefinerMode
+from .admission import Job
+from .families import BY_FAMILY, Phase, SDXLRefinerPhase
+from .state import ImageState, Rows
+
+
+class ModelBackend:
+    """Owned by the worker thread, like the pipelines it wraps."""
+
+    def __init__(self, model: LoadedModel, adapters: Adapters | None = None, faults: Faults | None = None,
+                 pad_rows: bool = False):
+        self.model = model
+        self.adapters = adapters
+        self.faults = faults or Faults.from_env()
+        # Compiled denoisers are specialised to shapes: calls are padded to a few row counts.
+        self.pad_rows = pad_rows
+        caps = model.capabilities
+        self.base: Phase = BY_FAMILY[caps.family](model.base, model.scheduler_config, caps.scheduler_family)
+        self.refiner = (SDXLRefinerPhase(model.refiner, model.refiner_scheduler_config)
+                        if model.refiner is not None else None)
+        self._order = itertools.count()
+
+    def phases(self, request: GenerationRequest) -> list[Phase]:
+        if self.refiner is None or request.refiner is RefinerMode.NONE:
+            return [self.base]
+        return [self.base, self.refiner]
+
+    def use_adapters(self, loras: tuple[tuple[str, float], ...]) -> None:
+        if self.adapters is not None:
+            self.adapters.activate(self.model.base, loras)
+
+    @torch.inference_mode()
+    def admit(self, jobs: list[Job]) -> list[ImageState]:
+        """Image states for ``jobs``: prompts encoded once per request and phase, batched across
+        requests that agree on adapters, guidance and whether a negative prompt was given."""
+        batches: dict[tuple, list[Job]] = defaultdict(list)
+        for job in jobs:
+            r = job.request
+            for phase in self.phases(r):
+                batches[(phase, r.loras, phase.guided(r), r.negative_prompt is None)].append(job)
+        rows: dict[tuple[int, str], Rows] = {}
+        for (phase, loras, guided, _), members in batches.items():
+            self.use_adapters(loras)  # a LoRA may touch the text encoders too
+            for job, job_rows in zip(members, phase.encode([j.request for j in members], guided)):
+                rows[id(job), phase.name] = job_rows
+        images = []
+        for job in jobs:
+            request, phases = job.request, self.phases(job.request)
+            job.images = [None] * request.num_images
+            for index, seed in enumerate(request.seeds):
+                # A CPU generator: the same seed gives the same noise on any device.
+                generator = torch.Generator("cpu").manual_seed(seed)
+                schedules = [p.plan(request, seed, generator, rows[id(job), p.name]) for p in phases]
+                image = ImageState(job, index, seed, generator, schedules, sum(len(s.times) for s in schedules),
+                                   next(self._order))
+                image.latents = self.base.begin(image, None)
+                images.append(image)
+        return images

@@ -1,0 +1,78 @@
+"""One denoiser call over the rows of several images, then each image's own guidance and
+``scheduler.step``: the pipeline's loop body, for many images at different points of their own
+schedules at once."""
+
+from __future__ import annotations
+
+import torch
+
+from .policy import padded
+from .state import ImageState
+
+
+class Denoise:
+    """Runs steps for the loop. Keeps the concatenated conditioning of the last selection per
+    group: it changes only when images join or leave, not every step."""
+
+    def __init__(self, max_rows: int, pad_rows: bool = False):
+        self.max_rows = max_rows
+        self.pad_rows = pad_rows
+        self._conditioning: dict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = {}
+
+    def forget(self, live_groups: set[tuple]) -> None:
+        self._conditioning = {k: v for k, v in self._conditioning.items() if k in live_groups}
+
+    @torch.inference_mode()
+    def __call__(self, images: list[ImageState]) -> list[tuple[ImageState, Exception]]:
+        """Advance every image by one step. A failure of the shared call raises (nothing has
+        changed then); a failure in one image's own step is returned with that image."""
+        phase = images[0].schedule.phase
+        inputs, times = [], []
+        for image in images:
+            s = image.schedule
+            x = phase.scale(s, image.latents, s.timesteps[image.step])
+            inputs += [x] * image.rows
+            times += [s.times[image.step]] * image.rows
+        rows = len(inputs)
+        size = padded(rows, self.max_rows) if self.pad_rows else rows
+        inputs += [inputs[-1]] * (size - rows)
+        times += [times[-1]] * (size - rows)
+        latents = torch.cat(inputs) if size > 1 else inputs[0]
+        t = torch.tensor(times, dtype=torch.float32, device=latents.device)
+        output = phase.call(latents, t, self._cond(images, size))
+
+        failures = []
+        row = 0
+        for image in images:
+            s = image.schedule
+            if image.guided:  # the pipeline's guidance formula, with this image's scale
+                uncond, text = output[row : row + 1], output[row + 1 : row + 2]
+                noise = uncond + image.job.request.guidance_scale * (text - uncond)
+            else:
+                noise = output[row : row + 1]
+            row += image.rows
+            try:
+                result = s.scheduler.step(noise, s.timesteps[image.step], image.latents, **s.step_kwargs)
+            except Exception as exc:  # noqa: BLE001 - fails this image's request only
+                failures.append((image, exc))
+                continue
+            image.latents = result.prev_sample
+            image.denoised = getattr(result, "pred_original_sample", None)
+            image.step += 1
+            image.steps_done += 1
+        return failures
+
+    def _cond(self, images: list[ImageState], size: int) -> dict[str, torch.Tensor]:
+        key = images[0].group_key()
+        selection = (size, *((im.schedule.rows.uid, im.guided) for im in images))
+        cached = self._conditioning.get(key)
+        if cached is not None and cached[0] == selection:
+            return cached[1]
+        parts: list[dict[str, torch.Tensor]] = []
+        for image in images:
+            rows = image.schedule.rows
+            parts += [rows.uncond, rows.cond] if rows.uncond is not None else [rows.cond]
+        parts += [parts[-1]] * (size - len(parts))
+        cond = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name] for name in parts[0]}
+        self._conditioning[key] = (selection, cond)
+        return cond

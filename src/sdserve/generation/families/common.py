@@ -1,0 +1,105 @@
+"""What every model family shares: a *phase* is one denoiser's part of making an image.
+
+A phase is built from a loaded diffusers pipeline and uses the pipeline's own components and
+helpers (``encode_prompt``, its scheduler classes, denoiser, VAE and image processor) in the order
+its ``__call__`` does, so that an image equals ``pipeline(...)``'s for the same seed. What the
+pipeline does once for a whole batch, a phase does per request (``encode``), per image (``plan``,
+``begin``) or per denoiser call over rows of many images (``call``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...request import GenerationRequest
+from ...schedulers import build_scheduler
+from ..state import ImageState, Rows, Schedule
+
+
+@functools.cache
+def _step_parameters(scheduler_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(scheduler_class.step).parameters)
+
+
+class Phase:
+    """One denoiser of a loaded pipeline, driven one step at a time."""
+
+    name = "base"
+    uses_adapters = True  # LoRA adapters are loaded into the base pipeline only
+    passes_step_kwargs = True  # SD/SDXL pass eta and generator to scheduler.step; SD3 passes neither
+
+    def __init__(self, pipeline: Any, scheduler_config: dict[str, Any], scheduler_family: str = "diffusion"):
+        self.pipe = pipeline
+        self.scheduler_config = scheduler_config
+        self.scheduler_family = scheduler_family
+        self.denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+        self.device = pipeline._execution_device  # the GPU even when offloading
+        self.time_cond_dim = getattr(self.denoiser.config, "time_cond_proj_dim", None)
+        self.latent_channels = self.denoiser.config.in_channels
+
+    # -- per request -----------------------------------------------------------------------
+    def guided(self, request: GenerationRequest) -> bool:
+        """Classifier-free guidance: two rows per step. Guidance-distilled UNets (a time-condition
+        projection, as LCM's) take the scale as an input instead, as the pipelines do."""
+        return request.guidance_scale > 1 and self.time_cond_dim is None
+
+    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
+        """Conditioning rows per request, in one text-encoder batch. The requests agree on
+        ``guided`` and on whether a negative prompt was given."""
+        raise NotImplementedError
+
+    def guidance_condition(self, request: GenerationRequest, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The guidance-scale embedding of guidance-distilled UNets (none for others)."""
+        if self.time_cond_dim is None:
+            return {}
+        w = torch.tensor(request.guidance_scale - 1).repeat(1)
+        emb = self.pipe.get_guidance_scale_embedding(w, embedding_dim=self.time_cond_dim)
+        return {"timestep_cond": emb.to(device=self.device, dtype=dtype)}
+
+    # -- per image ---------------------------------------------------------------------------
+    def new_scheduler(self, request: GenerationRequest, seed: int):
+        return build_scheduler(request.scheduler, self.scheduler_config, [seed], self.scheduler_family)
+
+    def schedule(self, scheduler, timesteps: torch.Tensor, rows: Rows, generator: torch.Generator,
+                 begin: Any = None) -> Schedule:
+        kwargs: dict[str, Any] = {}
+        if self.passes_step_kwargs:  # the pipeline's prepare_extra_step_kwargs, with its eta default
+            accepted = _step_parameters(type(scheduler))
+            kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
+        return Schedule(self, rows, scheduler, timesteps, [float(t) for t in timesteps.tolist()], kwargs, begin)
+
+    def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
+        """A fresh scheduler with this image's timesteps (set up as the pipeline's call does)."""
+        raise NotImplementedError
+
+    def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
+        """The latents this phase starts from: new noise, or the previous phase's latents."""
+        raise NotImplementedError
+
+    def noise(self, image: ImageState, dtype: torch.dtype) -> torch.Tensor:
+        request = image.job.request
+        scale = self.pipe.vae_scale_factor
+        shape = (1, self.latent_channels, request.height // scale, request.width // scale)
+        return randn_tensor(shape, generator=image.generator, device=self.device, dtype=dtype)
+
+    # -- per denoiser call -------------------------------------------------------------------
+    def scale(self, schedule: Schedule, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedule.scheduler.scale_model_input(latents, t)
+
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser over rows of several images, each with its own timestep and conditioning."""
+        raise NotImplementedError
+
+    # -- finished images (last phase) --------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents to the VAE's image tensor (-1..1)."""
+        raise NotImplementedError
+
+    def postprocess(self, images: torch.Tensor) -> np.ndarray:
+        return self.pipe.image_processor.postprocess(images, output_type="np")

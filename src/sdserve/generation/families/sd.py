@@ -1,0 +1,48 @@
+"""SD 1.x / 2.x (``StableDiffusionPipeline``): one CLIP text encoder, epsilon or v-prediction (the
+scheduler reads ``prediction_type`` from the model's own scheduler config)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...request import GenerationRequest
+from ..state import ImageState, Rows, Schedule
+from .common import Phase
+
+
+class StableDiffusionPhase(Phase):
+    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
+        has_negative = requests[0].negative_prompt is not None
+        embeds, negative = self.pipe.encode_prompt(
+            [r.prompt for r in requests], self.device, 1, guided,
+            [r.negative(1) for r in requests] if has_negative else None,
+        )
+        rows = []
+        for i, request in enumerate(requests):
+            cond = {"encoder_hidden_states": embeds[i : i + 1], **self.guidance_condition(request, embeds.dtype)}
+            rows.append(Rows(cond, {**cond, "encoder_hidden_states": negative[i : i + 1]} if guided else None))
+        return rows
+
+    def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
+        scheduler = self.new_scheduler(request, image_seed)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        return self.schedule(scheduler, scheduler.timesteps, rows, generator)
+
+    def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
+        dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
+        return self.noise(image, dtype) * image.schedule.scheduler.init_noise_sigma
+
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.denoiser(
+            latents, t, encoder_hidden_states=cond["encoder_hidden_states"], timestep_cond=cond.get("timestep_cond"),
+            cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    def postprocess(self, images: torch.Tensor) -> np.ndarray:
+        # no safety checker is loaded: every image is denormalised
+        return self.pipe.image_processor.postprocess(images, output_type="np", do_denormalize=[True] * len(images))

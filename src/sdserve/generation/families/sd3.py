@@ -1,0 +1,71 @@
+"""SD3 (``StableDiffusion3Pipeline``): an MMDiT transformer with flow matching, two CLIP encoders
+and an optional T5 (``--drop_t5``: its embeddings are zeros, as diffusers does without it)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...request import GenerationRequest
+from ..state import ImageState, Rows, Schedule
+from .common import Phase
+
+
+def _shift(image_seq_len: int, config) -> float:
+    """diffusers' calculate_shift: the schedule's mu for resolution-dependent shifting."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+class StableDiffusion3Phase(Phase):
+    passes_step_kwargs = False
+
+    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
+        has_negative = requests[0].negative_prompt is not None
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=[r.prompt for r in requests],
+            prompt_2=[r.prompt_2 or r.prompt for r in requests],
+            prompt_3=[r.prompt_3 or r.prompt for r in requests],
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=[r.negative(1) for r in requests] if has_negative else None,
+            negative_prompt_2=[r.negative(2) for r in requests] if has_negative else None,
+            negative_prompt_3=[r.negative(3) for r in requests] if has_negative else None,
+        )
+        rows = []
+        for i in range(len(requests)):
+            cond = {"encoder_hidden_states": embeds[i : i + 1], "pooled_projections": pooled[i : i + 1]}
+            if not guided:
+                rows.append(Rows(cond))
+                continue
+            uncond = {"encoder_hidden_states": negative[i : i + 1], "pooled_projections": negative_pooled[i : i + 1]}
+            rows.append(Rows(cond, uncond))
+        return rows
+
+    def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
+        scheduler = self.new_scheduler(request, image_seed)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch, scale = self.denoiser.config.patch_size, self.pipe.vae_scale_factor
+            seq_len = (request.height // scale // patch) * (request.width // scale // patch)
+            kwargs["mu"] = _shift(seq_len, scheduler.config)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
+        return self.schedule(scheduler, scheduler.timesteps, rows, generator)
+
+    def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
+        return self.noise(image, image.schedule.rows.cond["encoder_hidden_states"].dtype)
+
+    def scale(self, schedule: Schedule, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latents  # flow matching feeds the latents as they are
+
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.denoiser(
+            hidden_states=latents, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+            pooled_projections=cond["pooled_projections"], joint_attention_kwargs=None, return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]

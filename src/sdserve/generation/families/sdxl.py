@@ -1,0 +1,159 @@
+"""SDXL: the base (``StableDiffusionXLPipeline``) and the refiner (``StableDiffusionXLImg2ImgPipeline``).
+
+Both condition on two CLIP encoders' embeddings, a pooled embedding and "time ids" (size and crop
+micro-conditioning; the refiner adds an aesthetic score). Without a negative prompt the base uses
+zeroed negative embeddings (``force_zeros_for_empty_prompt``), as diffusers does. In the ensemble
+mode the base stops at ``high_noise_frac`` and the refiner takes the latents on from there; in the
+refine mode the base finishes and the refiner re-noises the tail of the schedule.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ...request import GenerationRequest, RefinerMode
+from ..state import ImageState, Rows, Schedule
+from .common import Phase
+
+
+class _SDXLPhase(Phase):
+    def _embeddings(self, requests: list[GenerationRequest], guided: bool):
+        has_negative = requests[0].negative_prompt is not None
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=[r.prompt for r in requests],
+            prompt_2=[r.prompt_2 or r.prompt for r in requests],
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=[r.negative(1) for r in requests] if has_negative else None,
+            negative_prompt_2=[r.negative(2) for r in requests] if has_negative else None,
+        )
+        encoder_2 = self.pipe.text_encoder_2
+        projection = encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1])
+        return embeds, negative, pooled, negative_pooled, projection
+
+    def _rows(self, i: int, request, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids,
+              guided: bool) -> Rows:
+        extra = self.guidance_condition(request, embeds.dtype)
+        cond = {"encoder_hidden_states": embeds[i : i + 1], "text_embeds": pooled[i : i + 1],
+                "time_ids": time_ids.to(self.device), **extra}
+        if not guided:
+            return Rows(cond)
+        uncond = {"encoder_hidden_states": negative[i : i + 1], "text_embeds": negative_pooled[i : i + 1],
+                  "time_ids": negative_time_ids.to(self.device), **extra}
+        return Rows(cond, uncond)
+
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.denoiser(
+            latents, t, encoder_hidden_states=cond["encoder_hidden_states"], timestep_cond=cond.get("timestep_cond"),
+            cross_attention_kwargs=None, added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+            return_dict=False,
+        )[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """As the pipelines decode: a float16 VAE that needs it runs in float32 for the call."""
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(dtype=torch.float32)
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        images = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        if self.pipe.watermark is not None:
+            images = self.pipe.watermark.apply_watermark(images)
+        return images
+
+
+class SDXLBasePhase(_SDXLPhase):
+    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
+        embeds, negative, pooled, negative_pooled, projection = self._embeddings(requests, guided)
+        rows = []
+        for i, r in enumerate(requests):
+            size = (r.height, r.width)
+            time_ids = self.pipe._get_add_time_ids(
+                r.original_size or size, r.crops_coords_top_left or (0, 0), r.target_size or size,
+                dtype=embeds.dtype, text_encoder_projection_dim=projection,
+            )
+            rows.append(self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, time_ids, guided))
+        return rows
+
+    def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
+        scheduler = self.new_scheduler(request, image_seed)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
+        if request.refiner is RefinerMode.ENSEMBLE:
+            # denoising_end: stop at the first timestep below the cut-off
+            total = scheduler.config.num_train_timesteps
+            cutoff = int(round(total - request.high_noise_frac * total))
+            timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return self.schedule(scheduler, timesteps, rows, generator)
+
+    def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
+        dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
+        return self.noise(image, dtype) * image.schedule.scheduler.init_noise_sigma
+
+
+class SDXLRefinerPhase(_SDXLPhase):
+    name = "refiner"
+    uses_adapters = False
+
+    def __init__(self, pipeline, scheduler_config):
+        super().__init__(pipeline, scheduler_config)
+        defaults = inspect.signature(type(pipeline).__call__).parameters
+        self.aesthetic_score = defaults["aesthetic_score"].default
+        self.negative_aesthetic_score = defaults["negative_aesthetic_score"].default
+
+    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
+        embeds, negative, pooled, negative_pooled, projection = self._embeddings(requests, guided)
+        rows = []
+        for i, r in enumerate(requests):
+            size = (r.height, r.width)
+            original, target = r.original_size or size, r.target_size or size
+            time_ids, negative_time_ids = self.pipe._get_add_time_ids(
+                original, r.crops_coords_top_left or (0, 0), target, self.aesthetic_score,
+                self.negative_aesthetic_score, original, (0, 0), target,
+                dtype=embeds.dtype, text_encoder_projection_dim=projection,
+            )
+            rows.append(self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids, guided))
+        return rows
+
+    def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
+        """The img2img pipeline's get_timesteps: from ``denoising_start`` (ensemble) or ``strength``."""
+        scheduler = self.new_scheduler(request, image_seed)
+        steps = request.num_inference_steps
+        scheduler.set_timesteps(steps, device=self.device)
+        if request.refiner is RefinerMode.ENSEMBLE:
+            total = scheduler.config.num_train_timesteps
+            cutoff = int(round(total - request.high_noise_frac * total))
+            count = int((scheduler.timesteps < cutoff).sum().item())
+            if scheduler.order == 2 and count % 2 == 0:
+                count += 1  # end after a second-order step's second half, as diffusers does
+            start = len(scheduler.timesteps) - count
+        else:
+            start = max(steps - min(int(steps * request.refiner_strength), steps), 0) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        renoise = request.refiner is RefinerMode.REFINE  # img2img adds noise unless denoising_start is given
+        return self.schedule(scheduler, timesteps, rows, generator, begin=timesteps[:1].repeat(1) if renoise else None)
+
+    def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
+        dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
+        latents = previous.to(device=self.device, dtype=dtype)
+        noise_timestep = image.schedule.begin
+        if noise_timestep is None:
+            return latents
+        noise = self.noise(image, dtype)
+        return image.schedule.scheduler.add_noise(latents, noise, noise_timestep)

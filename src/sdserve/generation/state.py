@@ -1,0 +1,84 @@
+"""What the step loop holds for each admitted image: plain data, touched by the worker thread only."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .admission import Job
+
+if TYPE_CHECKING:
+    from .families.common import Phase
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Rows:
+    """One request's conditioning for one denoiser: keyword tensors, each with one leading row.
+    ``uncond`` is None without classifier-free guidance (guidance <= 1): one row per image."""
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None = None
+    uid: int = field(default_factory=lambda: next(_ids))  # identity for caching concatenations
+
+
+@dataclass(eq=False)
+class Schedule:
+    """One phase of one image: its own scheduler and the timesteps it will call the denoiser at."""
+
+    phase: "Phase"
+    rows: Rows
+    scheduler: Any
+    timesteps: torch.Tensor  # the scheduler's own values, handed back to scheduler.step
+    times: list[float]  # the same as numbers: the denoiser's per-row timestep input
+    step_kwargs: dict[str, Any]  # eta / generator, as the pipeline passes them to scheduler.step
+    begin: Any = None  # what the phase needs to start its latents (e.g. the noise timestep)
+
+
+@dataclass(eq=False)
+class ImageState:
+    """One image in flight: its schedules (current first), latents, generator and progress."""
+
+    job: Job
+    index: int  # within its request
+    seed: int
+    generator: torch.Generator
+    schedules: list[Schedule]  # phases still to run, the current one first
+    total_steps: int  # denoiser calls over all phases
+    order: int  # admission order, for fair tie-breaks
+    latents: torch.Tensor | None = None
+    denoised: torch.Tensor | None = None
+    step: int = 0  # denoiser calls done in the current phase
+    steps_done: int = 0  # denoiser calls done in all phases
+    waited: int = 0  # calls of its group that left it out since it last stepped
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.schedules[0]
+
+    @property
+    def remaining(self) -> int:
+        return self.total_steps - self.steps_done
+
+    @property
+    def phase_done(self) -> bool:
+        return self.step >= len(self.schedule.times)
+
+    @property
+    def guided(self) -> bool:
+        return self.schedule.rows.uncond is not None
+
+    @property
+    def rows(self) -> int:
+        """Denoiser rows it needs per step: two with classifier-free guidance, else one."""
+        return 2 if self.guided else 1
+
+    def group_key(self) -> tuple:
+        """Images with equal keys can share a denoiser call: same denoiser, latent size and
+        adapters (steps, guidance, sampler and prompts may all differ)."""
+        phase = self.schedule.phase
+        return phase.name, tuple(self.latents.shape[1:]), self.job.request.loras if phase.uses_adapters else ()
