@@ -7,12 +7,15 @@ CPU, tiny models: the server's own overhead, and what concurrent clients gain fr
     python bench/run.py --device cpu
 
 Measured (min/median/max over --runs after warm-up):
- 1. plain diffusers as existing runtimes call it (float16 StableDiffusionXLPipeline, defaults, batch 1)
+ 1. plain diffusers as existing runtimes call it (float16 StableDiffusionXLPipeline, defaults, batch 1),
+    and its own gain from a batch of 4
  2. the sdserve engine on the same request (with the optimisation flags given)
  3. the same through HTTP v1 (a real ``python -m sdserve`` process)
- 4. guided UNet iterations/s (and MFU against 13.52 TFLOP per guided SDXL step)
+ 4. guided UNet iterations/s in sdserve's own loop (and MFU against 13.52 TFLOP per guided SDXL step)
  5. throughput at the MLPerf setting (20 steps, guidance 8) with 1, 4 and 8 concurrent clients
  6. base + refiner ensemble latency   7. peak GPU memory   8. cold start, cold and warm compile caches
+ 9. step-level scheduling: a short request sent while a long one runs (head-of-line), and clients
+    with mixed steps, guidance and samplers against identical ones (steps/s, latency by length)
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+
+import scheduling  # noqa: E402  (bench/ is on the path from here)
 
 GUIDED_STEP_TFLOP = 13.52  # SDXL base UNet, batch 2 (classifier-free guidance), 1024x1024
 PEAK_TFLOPS = {"cuda": 790.0}  # dense bf16, H100 SXM (the brief's figure)
@@ -107,7 +112,10 @@ def baseline(model_dir: Path, args, device: torch.device) -> dict:
     call = dict(prompt=PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size)
     reset_peak(device)
     samples = time_calls(lambda: pipe(**call).images[0], args.warmup, args.runs, device)
+    batch4 = time_calls(lambda: pipe(**call, num_images_per_prompt=4).images, args.warmup, args.runs, device)
     result = {"latency_s": stats(samples), "unet_it_per_s": round(unet_iterations_per_s(pipe, call, device), 3),
+              "batch4_latency_s": stats(batch4),
+              "batch4_gain": round(4 * statistics.median(samples) / statistics.median(batch4), 3),
               "peak_gpu_gib": peak_memory(device), "dtype": str(dtype)}
     del pipe
     if device.type == "cuda":
@@ -117,39 +125,45 @@ def baseline(model_dir: Path, args, device: torch.device) -> dict:
 
 # -- 2 and 4: the engine --------------------------------------------------------------------------
 def engine_run(model_dir: Path, args, device: torch.device) -> dict:
-    """The engine as the server runs it: one worker thread loads, optimises and generates."""
+    """The engine as the server runs it: one worker thread loads, optimises and runs the step loop."""
     from sdserve import model_store, optimize
-    from sdserve.engine import Engine, EngineSettings
+    from sdserve.generation import Engine, EngineSettings, ModelBackend
     from sdserve.request import Limits, RequestParser
-    from sdserve.runner import PipelineRunner
 
     dtype = model_store.resolve_dtype(args.dtype, device)
     call = dict(prompt=PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size)
     state: dict = {}
 
-    def prepare() -> None:  # on the worker thread
+    def prepare() -> ModelBackend:  # on the worker thread
         loaded = model_store.load(model_store.discover(model_dir), device, dtype)
-        state["done"] = optimize.apply(loaded.base, optimizations(args))
-        state["runner"] = PipelineRunner(loaded, max_batch_images=8)
+        opts = optimizations(args)
+        state["done"] = optimize.apply(loaded.base, opts)
         state["parser"] = RequestParser(Limits(max_steps=100), loaded.capabilities)
-        started = time.perf_counter()
-        loaded.base(**call)  # warm-up (compiles, when compiling)
-        state["first_call_s"] = round(time.perf_counter() - started, 2)
-        state["it_per_s"] = unet_iterations_per_s(loaded.base, call, device)
+        return ModelBackend(loaded, pad_rows=opts.compile != "none")
 
-    engine = Engine(lambda requests, stop: state["runner"].run(requests, stop), EngineSettings(max_batch_images=8))
+    engine = Engine(EngineSettings(max_batch_images=args.max_batch_images))
     engine.start(prepare).result()
     request = state["parser"].parse({**call, "refiner": "none", "seed": 1})
+    started = time.perf_counter()
+    asyncio.run(engine.generate([request], "bench"))  # warm-up (compiles, when compiling)
+    first_call_s = round(time.perf_counter() - started, 2)
+    stamps: list[float] = []
+
+    def on_step(progress) -> None:  # on the worker thread, after each step
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    asyncio.run(engine.generate([request], "bench", on_progress=on_step))
     reset_peak(device)
     samples = time_calls(lambda: asyncio.run(engine.generate([request], "bench")), args.warmup, args.runs, device)
     engine.stop(timeout=60)
     return {
         "latency_s": stats(samples),
-        "unet_it_per_s": round(state["it_per_s"], 3),
+        "unet_it_per_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 3),
         "peak_gpu_gib": peak_memory(device),
         "dtype": str(dtype),
         "optimisations": state["done"],
-        "first_call_s": state["first_call_s"],
+        "first_call_s": first_call_s,
     }
 
 
@@ -233,6 +247,12 @@ def server_run(model_dir: Path, args, out_log: Path) -> dict:
         if (model_dir / "refiner").is_dir():
             ensemble = {**same, "refiner": "ensemble", "high_noise_frac": 0.8}
             result["ensemble_latency_s"] = stats([server.predict(**ensemble) for _ in range(1 + args.runs)][1:])
+        log("9. step-level scheduling ...")
+        result["head_of_line"] = scheduling.head_of_line(server, args.size, args.short_steps, args.long_steps, args.runs)
+        log(result["head_of_line"])
+        result["mixed_traffic"] = scheduling.mixed_traffic(server, args.size, args.mixed_clients,
+                                                           args.mixed_requests_per_client, args.mixed_steps)
+        log(result["mixed_traffic"])
     finally:
         server.stop()
     if args.compile != "none":  # a restart that finds its compiled kernels in the cache
@@ -254,6 +274,7 @@ def run_phase(phase: str, args) -> dict:
 
 def write_report(report: dict, results_dir: Path, stem: str) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
+    hol, mixed = report["server"]["head_of_line"], report["server"]["mixed_traffic"]
     (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     rows = [
         ("plain diffusers, median s", report["baseline"]["latency_s"]["median"]),
@@ -266,6 +287,15 @@ def write_report(report: dict, results_dir: Path, stem: str) -> None:
         ("throughput, images/s by clients", ", ".join(f'{m["clients"]}: {m["images_per_s"]}' for m in report["server"]["mlperf"])),
         ("best images/s (MLPerf setting)", report["mlperf_images_per_s"]),
         ("base + refiner ensemble, median s", report["server"].get("ensemble_latency_s", {}).get("median")),
+        ("diffusers' own gain from a batch of 4", report["baseline"]["batch4_gain"]),
+        ("server gain, most clients vs 1 (share of diffusers' batch-of-4 gain)",
+         f'{report["concurrency_gain"]} ({report["batch_gain_kept"]})'),
+        ("short request sent while a long one runs ÷ alone (head-of-line)",
+         f'{hol["ratio"]} ({hol["short_steps"]} vs {hol["long_steps"]} steps)'),
+        (f"mixed ÷ identical settings, steps/s ({mixed['mixed']['clients']} clients)",
+         f'{mixed["mixed_over_identical"]} ({mixed["mixed"]["steps_per_s"]} / {mixed["identical"]["steps_per_s"]})'),
+        ("mixed traffic latency p50 / p99 s, by steps", ", ".join(
+            f'{n}: {v["p50"]} / {v["p99"]}' for n, v in mixed["mixed"]["latency_by_steps"].items())),
         ("peak GPU memory GiB (plain / sdserve)", f'{report["baseline"]["peak_gpu_gib"]} / {report["engine"]["peak_gpu_gib"]}'),
         ("cold start s (cold / warm compile cache)", f'{report["server"]["cold_start_s"]} / {report["server"].get("cold_start_warm_cache_s")}'),
     ]
@@ -287,7 +317,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--clients", type=int, nargs="+", help="default: 1 4 8 on CUDA, 1 16 on CPU")
     parser.add_argument("--requests_per_client", type=int, default=3)
-    parser.add_argument("--max_batch_images", type=int, default=8)
+    parser.add_argument("--max_batch_images", type=int, help="default: 8 on CUDA, 4 (the server's default) on CPU")
+    parser.add_argument("--short_steps", type=int, default=4, help="head-of-line: the short request")
+    parser.add_argument("--long_steps", type=int, default=60, help="head-of-line: the long request it is sent behind")
+    parser.add_argument("--mixed_clients", type=int, default=16)
+    parser.add_argument("--mixed_requests_per_client", type=int, help="default: 3 on CUDA, 5 on CPU")
+    parser.add_argument("--mixed_steps", type=lambda t: [int(n) for n in t.split(",")], default=[10, 20, 30, 40, 50],
+                        help="steps of the mixed clients' requests (identical clients use their mean)")
     parser.add_argument("--fuse_qkv", action="store_true")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--compile", default="none", choices=["none", "denoiser", "all"])
@@ -297,13 +333,15 @@ def main() -> None:
     parser.add_argument("--phase", choices=["baseline", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--phase_out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.phase:  # one measurement in a fresh process (see run_phase)
-        result = {"baseline": baseline, "engine": engine_run}[args.phase](args.model_dir, args, torch.device(args.device))
-        args.phase_out.write_text(json.dumps(result))
-        return
     device = torch.device(args.device)
     args.size = args.size or (1024 if device.type == "cuda" else 256)
     args.clients = args.clients or ([1, 4, 8] if device.type == "cuda" else [1, 16])
+    args.max_batch_images = args.max_batch_images or (8 if device.type == "cuda" else 4)
+    args.mixed_requests_per_client = args.mixed_requests_per_client or (3 if device.type == "cuda" else 5)
+    if args.phase:  # one measurement in a fresh process (see run_phase)
+        result = {"baseline": baseline, "engine": engine_run}[args.phase](args.model_dir, args, device)
+        args.phase_out.write_text(json.dumps(result))
+        return
     date = datetime.date.today().isoformat()
     name = torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else f"cpu-{platform.machine()}"
     stem = f"{name}-{date}" + (f"-{args.tag}" if args.tag else "")
@@ -339,7 +377,7 @@ def main() -> None:
                           f"{args.size}x{args.size}, {args.steps} steps, batch 1, guidance 5 (MLPerf: 20 steps, guidance 8)"}
     log("1. plain diffusers ..."); report["baseline"] = run_phase("baseline", args); log(report["baseline"])
     log("2. sdserve engine ..."); report["engine"] = run_phase("engine", args); log(report["engine"])
-    log("3/5/6/8. HTTP server ..."); report["server"] = server_run(args.model_dir, args, server_log); log(report["server"])
+    log("3/5/6/8/9. HTTP server ..."); report["server"] = server_run(args.model_dir, args, server_log); log(report["server"])
 
     base_median = report["baseline"]["latency_s"]["median"]
     report["unet_it_per_s"] = report["engine"]["unet_it_per_s"]
@@ -348,11 +386,15 @@ def main() -> None:
     report["mlperf_images_per_s"] = max(m["images_per_s"] for m in report["server"]["mlperf"])
     single = report["server"]["mlperf"][0]["images_per_s"]
     report["concurrency_gain"] = round(report["mlperf_images_per_s"] / single, 2)
+    report["batch_gain_kept"] = round(report["concurrency_gain"] / report["baseline"]["batch4_gain"], 3)
+    report["head_of_line_ratio"] = report["server"]["head_of_line"]["ratio"]
+    report["mixed_over_identical"] = report["server"]["mixed_traffic"]["mixed_over_identical"]
     if device.type in PEAK_TFLOPS:
         report["mfu"] = round(report["unet_it_per_s"] * GUIDED_STEP_TFLOP / PEAK_TFLOPS[device.type], 3)
     write_report(report, args.results, stem)
     log(json.dumps({k: report[k] for k in ("e2e_ratio_vs_diffusers", "http_over_engine", "unet_it_per_s",
-                                          "mlperf_images_per_s", "concurrency_gain")}, indent=2))
+                                          "mlperf_images_per_s", "concurrency_gain", "batch_gain_kept",
+                                          "head_of_line_ratio", "mixed_over_identical")}, indent=2))
     log(f"wrote {args.results / stem}.json, .md, .log and .server.log")
     for raw in (LOG, server_log):  # results are committed: keep this checkout's path out of them
         raw.write_text(raw.read_text().replace(str(ROOT), "."))

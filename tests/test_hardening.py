@@ -46,7 +46,8 @@ def test_a_client_that_disconnects_frees_the_worker(sdxl_server):
     assert time.monotonic() - t0 < 5
     time.sleep(0.3)
     log = sdxl_server.log()
-    assert "client disconnected from POST /v1/models/sdxl:predict" in log and "stopped a batch early" in log
+    assert "client disconnected from POST /v1/models/sdxl:predict" in log
+    assert re.search(r"request \S+ stopped at step \d+ of 100: its caller is gone", log)
 
 
 def test_long_prompts_generate_with_a_warning(sdxl_server):
@@ -119,7 +120,7 @@ def test_body_size_limit(guarded):
 
 
 def test_out_of_memory_is_retried_in_halves_then_507(models, start_server):
-    # any pipeline call of more than two 128x128 images "runs out of memory"
+    # any denoiser call of more than two 128x128 images "runs out of memory"
     server = start_server("--model_dir", str(models["sdxl"]), "--max_batch_images", "4", model_name="oom",
                           env={"SDSERVE_FAULT_OOM_PIXELS": str(2 * 128 * 128)})
     r = server.predict({"instances": [{"prompt": "x", "width": 128, "height": 128, "num_images": 4,
@@ -145,7 +146,7 @@ def test_a_stuck_worker_turns_readiness_and_liveness_false(models, start_server)
         while httpx.get(f"{server.url}/v2/health/ready").status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.3)
         ready = httpx.get(f"{server.url}/v2/health/ready")
-        assert ready.status_code == 503 and "stuck in one batch for over 2 s" in ready.json()["reason"]
+        assert ready.status_code == 503 and "stuck in one step for over 2 s" in ready.json()["reason"]
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 503
         assert httpx.get(f"{server.url}/v2/models/stuck/ready").status_code == 503
         server.stop()

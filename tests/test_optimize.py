@@ -2,12 +2,9 @@
 
 import numpy as np
 import pytest
-import torch
 
-from sdserve import model_store, optimize
+from oracle import LocalEngine
 from sdserve.optimize import Optimizations, parse_sizes
-from sdserve.request import Limits, RequestParser
-from sdserve.runner import PipelineRunner
 
 # Reordered float maths (fused matmuls, NHWC convolutions, inductor's kernels) may move a pixel by
 # a level or two out of 255; anything more is a real change.
@@ -15,15 +12,15 @@ TOLERANCE = 2
 
 
 def images(models, opts: Optimizations | None, kind="sdxl-refiner"):
-    loaded = model_store.load(model_store.discover(models[kind]), torch.device("cpu"), torch.float32)
-    if opts is not None:
-        optimize.apply(loaded.base, opts)
-        if loaded.refiner is not None:
-            optimize.apply(loaded.refiner, opts, include_vae=False)
-    parser = RequestParser(Limits(), loaded.capabilities)
-    runner = PipelineRunner(loaded, 4)
-    requests = [parser.parse({"prompt": "a lighthouse", "seed": s, "num_inference_steps": 4}) for s in (1, 2)]
-    return [img for per_request in runner.run(requests) for img in per_request]
+    """Two requests in flight together through the step loop: one with guidance (two rows) and one
+    without (one row); compiled, the three rows are padded to four."""
+    engine = LocalEngine(models[kind], max_batch_images=4, optimizations=opts)
+    try:
+        values = [{"prompt": "a lighthouse", "seed": 1, "num_inference_steps": 4},
+                  {"prompt": "a lighthouse", "seed": 2, "num_inference_steps": 4, "guidance_scale": 1.0}]
+        return [img for job in engine.submit(*values) for img in job.future.result(600).images]
+    finally:
+        engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +58,9 @@ def test_server_warms_up_before_it_is_ready(models, start_server):
                           model_name="fast")
     log = server.log()
     assert "optimisations: fused QKV, channels_last" in log
-    assert "warmed up 128x128, batch of 1" in log and "warmed up 128x128, batch of 4" in log
-    assert log.index("warmed up 64x96, batch of 4") < log.index("Uvicorn running")
+    for rows in (1, 2, 4, 8):  # every padded row count of --max_batch_images 4
+        assert f"warmed up 128x128, {rows} denoiser row(s)" in log
+    assert log.index("warmed up 64x96, 8 denoiser row(s)") < log.index("Uvicorn running")
     r = server.predict({"instances": [{"prompt": "x", "width": 128, "height": 128, "num_inference_steps": 2}]})
     assert r.status_code == 200
 

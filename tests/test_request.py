@@ -164,8 +164,6 @@ def test_loras_are_looked_up_by_name():
     assert r.loras == (("trex", 0.8), ("pixel-art", 1.0))
     assert r.describe()["loras"] == [{"name": "trex", "scale": 0.8}, {"name": "pixel-art", "scale": 1.0}]
     assert parser.parse({"prompt": "x"}).loras == () and "loras" not in parser.parse({"prompt": "x"}).describe()
-    plain = parser.parse({"prompt": "x", "seed": 1})
-    assert parser.parse({"prompt": "x", "seed": 1, "loras": ["trex"]}).batch_key() != plain.batch_key()
     for loras, message in [
         ([{"name": "../../etc/passwd"}], r"loras\[0\].name: no adapter named '../../etc/passwd'; available: pixel-art, trex"),
         ([{"name": "trex", "scale": 5}], r"loras\[0\].scale: must be a number from -2.0 to 2.0"),
@@ -186,14 +184,11 @@ def test_server_limits_cap_the_defaults():
     assert (budget.width, budget.height) == (512, 512)
 
 
-def test_batch_key_groups_compatible_requests_only():
-    a = parse({"prompt": "a", "seed": 1, "num_inference_steps": 20})
-    b = parse({"prompt": "b", "seed": 2, "num_inference_steps": 20, "format": "jpeg", "num_images": 2})
-    assert a.batch_key() == b.batch_key()  # prompts, seeds, counts and output format may differ
-    for change in [{"num_inference_steps": 21}, {"width": 512}, {"scheduler": "Euler a"}, {"negative_prompt": ""},
-                   {"refiner": "none"}, {"denoising_limit": 0.7}, {"guidance_scale": 6}]:
-        c = parse({"prompt": "c", "num_inference_steps": 20, **change})
-        assert c.batch_key() != a.batch_key(), change
+def test_negative_prompt_per_text_encoder():
+    r = parse({"prompt": "a", "negative_prompt": "blurry", "negative_prompt_2": "dark"})
+    assert (r.negative(1), r.negative(2)) == ("blurry", "dark")
+    assert parse({"prompt": "a", "negative_prompt": "blurry"}).negative(2) == "blurry"
+    assert parse({"prompt": "a"}).negative(1) == ""
 
 
 def test_unicode_prompts_are_fine():

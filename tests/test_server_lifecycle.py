@@ -29,7 +29,7 @@ def test_health_answers_quickly_while_an_image_is_generated(sdxl_server):
 
 
 def test_full_queue_answers_503_with_retry_after_and_recovers(models, start_server):
-    server = start_server("--model_dir", str(models["sdxl"]), "--max_queue", "1", "--max_batch_images", "1",
+    server = start_server("--model_dir", str(models["sdxl"]), "--max_queue", "1", "--max_batch_images", "1", "--max_active_images", "1",
                           "--retry_after", "3", model_name="busy")
     payload = {"instances": [{"prompt": "queue me", "width": 1024, "height": 1024, "num_inference_steps": 40}]}
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
@@ -65,7 +65,10 @@ def test_bad_flags_are_usage_errors():
     assert run.returncode == 2 and "--workers must be 1" in run.stderr
 
 
-def test_metrics_count_images_batches_and_failures(sdxl_server):
+def test_metrics_count_images_steps_and_failures(sdxl_server):
+    before = httpx.get(f"{sdxl_server.url}/metrics").text
+    calls_before = float(re.search(r'^sdserve_denoiser_calls_total\{phase="refiner"\} (\S+)', before, re.M).group(1)
+                         if 'phase="refiner"' in before else 0)
     assert sdxl_server.predict({"instances": [{"prompt": "x", "num_inference_steps": 2, "num_images": 2}]}).status_code == 200
     assert sdxl_server.predict({"instances": [{"prompt": "x", "num_inference_steps": -1}]}).status_code == 400
     text = httpx.get(f"{sdxl_server.url}/metrics").text
@@ -76,6 +79,12 @@ def test_metrics_count_images_batches_and_failures(sdxl_server):
     assert re.search(r"^sdserve_batch_size_images_count [1-9]", text, re.M)
     assert re.search(r"^sdserve_queue_depth 0.0", text, re.M)
     assert re.search(r'^sdserve_requests_total\{protocol="v1"\} [1-9]', text, re.M)
+    # the step loop: 2 steps, ensemble by default: one base call and one refiner call for both images
+    calls = float(re.search(r'^sdserve_denoiser_calls_total\{phase="refiner"\} (\S+)', text, re.M).group(1))
+    assert calls >= calls_before + 1
+    assert re.search(r'^sdserve_denoiser_rows_bucket\{le="4.0"\} [1-9]', text, re.M)  # 2 guided images: 4 rows
+    assert re.search(r"^sdserve_active_images 0.0", text, re.M)
+    assert re.search(r"^sdserve_time_to_first_step_seconds_count [1-9]", text, re.M)
 
 
 def test_sd_folder_at_the_root_serves_with_its_own_defaults(models, start_server):

@@ -5,8 +5,9 @@ path), and each checked to keep images within a small tolerance of that path.
 * ``channels_last``: NHWC memory layout for the UNet and VAE convolutions (tensor cores prefer it).
 * ``compile``: ``torch.compile`` of the denoiser (``denoiser``) or of the denoiser and the VAE
   decoder (``all``); ``compile_mode`` picks inductor's mode (``reduce-overhead`` adds CUDA graphs).
-  Shapes are specialised: every (size, batch) compiles once, so ``warmup`` sizes are generated once
-  at start-up, on the worker thread, before the server reports ready. Compiled kernels are cached
+  Shapes are specialised: every (size, row count) compiles once, so the step loop pads its calls to
+  a few row counts and the ``warmup`` sizes run each of them once at start-up, on the worker
+  thread, before the server reports ready. Compiled kernels are cached
   in ``TORCHINDUCTOR_CACHE_DIR`` (``--compile_cache_dir``): keep it on a volume for fast restarts.
 
 Attention already uses PyTorch's scaled-dot-product attention (flash / memory-efficient kernels on

@@ -180,7 +180,7 @@ class SDModel(kserve.Model):
         if not self.batch_engine.alive:
             return "generation worker stopped"
         if self.worker_stuck():
-            return f"generation worker stuck in one batch for over {self.policy.stuck_after_s:.0f} s"
+            return f"generation worker stuck in one step for over {self.policy.stuck_after_s:.0f} s"
         return None
 
     async def healthy(self) -> bool:

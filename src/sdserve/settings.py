@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     robustness.add_argument("--grace_period", type=float, default=30,
                             help="on SIGTERM: seconds to finish queued and running requests before exiting")
     robustness.add_argument("--stuck_after", type=float, default=policy.stuck_after_s,
-                            help="a batch running longer than this marks the server not ready and not live, "
-                            "so Kubernetes restarts it")
+                            help="one denoising step (or decode) running longer than this marks the server not ready "
+                            "and not live, so Kubernetes restarts it")
     robustness.add_argument("--max_body_bytes", type=int, default=1024 * 1024, help="largest request body (413 above)")
     robustness.add_argument("--api_key", default=os.environ.get("SDSERVE_API_KEY"),
                             help="require 'Authorization: Bearer <key>' on generation requests "

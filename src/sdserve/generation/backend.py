@@ -42,7 +42,6 @@ class ModelBackend:
         if self.adapters is not None:
             self.adapters.activate(self.model.base, loras)
 
-    @torch.inference_mode()
     def admit(self, jobs: list[Job]) -> list[ImageState]:
         """Image states for ``jobs``: prompts encoded once per request and phase, batched across
         requests that agree on adapters, guidance and whether a negative prompt was given."""

@@ -28,7 +28,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-@torch.inference_mode()
 def decode(images: list[ImageState], largest: int, pad: bool = False) -> list[np.ndarray]:
     """uint8 (H, W, 3) arrays for ``images``, which share their last phase and size. With ``pad``
     (a compiled VAE) the batch is padded to a bucket size, as denoiser calls are."""

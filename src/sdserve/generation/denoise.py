@@ -22,7 +22,6 @@ class Denoise:
     def forget(self, live_groups: set[tuple]) -> None:
         self._conditioning = {k: v for k, v in self._conditioning.items() if k in live_groups}
 
-    @torch.inference_mode()
     def __call__(self, images: list[ImageState]) -> list[tuple[ImageState, Exception]]:
         """Advance every image by one step. A failure of the shared call raises (nothing has
         changed then); a failure in one image's own step is returned with that image."""

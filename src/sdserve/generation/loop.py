@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Callable
 
+import torch
+
 from .. import metrics
 from ..errors import GenerationFailed, ImageTooLarge
 from ..request import GenerationResult
@@ -56,6 +58,7 @@ class StepLoop:
             metrics.QUEUE_SECONDS.observe(now - job.enqueued_at)
         self._isolated(jobs, self._admit)
 
+    @torch.inference_mode()
     def _admit(self, jobs: list[Job]) -> None:
         images = self.backend.admit(jobs)
         self.active += images
@@ -63,6 +66,7 @@ class StepLoop:
         self._advance([im for im in images if im.phase_done])  # a phase may have no step at all
 
     # -- one iteration -----------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> bool:
         """One denoiser call for the next group; False when nothing is active."""
         self._drop_gone()
@@ -90,7 +94,7 @@ class StepLoop:
         except Exception as exc:  # noqa: BLE001 - stays with the requests in the call
             if is_out_of_memory(exc):
                 self.policy.ran_out_of_memory(images[0].group_key(), len(images) // 2)
-                self._halves(images, self._denoise, "denoising")
+                self._halves(images, self._denoise, "generating")
             else:
                 self._per_request(images, self._denoise, exc)
             return
@@ -170,7 +174,9 @@ class StepLoop:
         ))
 
     def _fail(self, job: Job, error: Exception, reason: str, cause: Exception | None = None) -> None:
-        if cause is not None or reason != "interrupted":
+        if reason == "shutdown":
+            log.info("request %s: %s", job.request_id, error)
+        elif reason != "interrupted":
             log.error("request %s failed: %s", job.request_id, error, exc_info=cause)
         metrics.FAILURES.labels(reason=reason).inc()
         if not job.future.done():
@@ -185,7 +191,10 @@ class StepLoop:
     def _drop_gone(self) -> None:
         for job in _jobs(self.active):
             if job.gone():
-                log.info("request %s stopped at a step boundary: cancelled or timed out", job.request_id)
+                done = min(im.steps_done for im in self.active if im.job is job)
+                total = max(im.total_steps for im in self.active if im.job is job)
+                log.info("request %s stopped at step %d of %d: its caller is gone or its deadline passed",
+                         job.request_id, done, total)
                 self._fail(job, job.deadline_error(), "interrupted")
 
     def _halves(self, images: list[ImageState], run: Callable, what: str) -> None:

@@ -7,7 +7,7 @@
 * Within a group at most ``max_images`` images go into one call (the memory bound; lowered for a
   group after it ran out of memory). When more are waiting, those with the fewest denoiser calls
   left go first, so a short request is not held up by long ones; an image left out ``patience``
-  calls in a row goes first, so a long one is never starved.
+  calls in a row goes before them (the longest waiting first), so a long one is never starved.
 * With compiled denoisers, row counts are padded up to a few bucket sizes (powers of two up to
   the largest call), so that new shapes do not recompile while serving.
 """
@@ -58,13 +58,17 @@ class StepPolicy:
         if len(members) <= limit:
             chosen = members
         else:
-            # starving first, then fewest calls left, then first admitted
-            ranked = sorted(members, key=lambda im: (im.waited < self.patience, im.remaining, im.order))
-            chosen = ranked[:limit]
+            chosen = sorted(members, key=self._rank)[:limit]
         picked = set(map(id, chosen))
         for image in members:
             image.waited = 0 if id(image) in picked else image.waited + 1
         return sorted(chosen, key=lambda im: im.order)
+
+    def _rank(self, image: ImageState) -> tuple:
+        """Starving images first (the longest waiting first), then fewest calls left, then first admitted."""
+        if image.waited >= self.patience:
+            return 0, -image.waited, image.order
+        return 1, image.remaining, image.order
 
     def limit(self, key: tuple) -> int:
         return min(self.max_images, self._fits.get(key, self.max_images))

@@ -68,3 +68,51 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
         latents = base(**size, output_type="latent", **kwargs).images
         images = refiner(image=latents, strength=request.refiner_strength, output_type="np", **kwargs).images
     return list(to_uint8(images))
+
+
+class LocalEngine:
+    """A model loaded through the model store and served by a real Engine, whose worker thread
+    loads (and optimises) it as the server's does."""
+
+    def __init__(self, path, max_batch_images: int = 8, adapters=None, faults=None, load_options=None,
+                 optimizations=None, **settings):
+        from sdserve.generation import Engine, EngineSettings
+
+        self.adapters = adapters
+        self.engine = Engine(EngineSettings(max_batch_images=max_batch_images, **settings))
+        self.engine.start(lambda: self._prepare(path, faults, load_options, optimizations)).result()
+
+    def _prepare(self, path, faults, load_options, optimizations):
+        from sdserve import model_store, optimize
+        from sdserve.generation import ModelBackend
+        from sdserve.request import Limits, RequestParser
+
+        options = load_options or model_store.LoadOptions()
+        self.model = model_store.load(model_store.discover(path), torch.device("cpu"), torch.float32, options=options)
+        if self.adapters is not None:
+            self.adapters.load_all(self.model.base)
+        if optimizations is not None:
+            optimize.apply(self.model.base, optimizations)
+            if self.model.refiner is not None:
+                optimize.apply(self.model.refiner, optimizations, include_vae=False)
+        self.parser = RequestParser(Limits(), self.model.capabilities, self.adapters)
+        padded = optimizations is not None and optimizations.compile != "none"
+        return ModelBackend(self.model, self.adapters, faults, pad_rows=padded)
+
+    def parse(self, values: dict) -> GenerationRequest:
+        return self.parser.parse(values)
+
+    def submit(self, *values: dict, on_progress=None):
+        """Jobs for requests submitted together (admitted at the same step boundary)."""
+        return self.engine.submit([self.parse(v) for v in values], "test", on_progress=on_progress)
+
+    def images(self, values: dict, timeout: float = 60) -> list[np.ndarray]:
+        (job,) = self.submit(values)
+        return job.future.result(timeout).images
+
+    def reference(self, values: dict) -> list[np.ndarray]:
+        """The same request through diffusers' pipelines (called while the engine is idle)."""
+        return diffusers_images(self.model, self.parse(values), self.adapters)
+
+    def close(self) -> None:
+        self.engine.stop(timeout=10)
