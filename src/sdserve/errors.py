@@ -81,10 +81,6 @@ class Unauthorized(ServingError):
         return {"WWW-Authenticate": "Bearer"}
 
 
-class Interrupted(Exception):
-    """Raised inside a pipeline call to stop denoising: every request of the batch is gone."""
-
-
 async def request_validation_handler(_: Request, exc) -> JSONResponse:
     """FastAPI's default answer echoes the offending input, and fails (500) when that input is
     NaN or infinity; this one names the fields without echoing values."""

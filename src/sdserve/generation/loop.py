@@ -99,8 +99,7 @@ class StepLoop:
                 self._per_request(images, self._denoise, exc)
             return
         for image, exc in failures:
-            self._fail(image.job, GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"),
-                       "generation_error", exc)
+            self._broke(image.job, exc)
         phase = images[0].schedule.phase.name
         metrics.DENOISER_CALLS.labels(phase=phase).inc()
         metrics.BATCH_IMAGES.observe(len(images))
@@ -124,7 +123,7 @@ class StepLoop:
                     image.step = 0
                     image.latents = image.schedule.phase.begin(image, image.latents)
             except Exception as exc:  # noqa: BLE001
-                self._fail(job, GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"), "generation_error", exc)
+                self._broke(job, exc)
                 continue
             if image.phase_done:
                 finished.append(image)
@@ -132,10 +131,11 @@ class StepLoop:
         for image in finished:
             groups.setdefault((image.schedule.phase.name, tuple(image.latents.shape)), []).append(image)
         for group in groups.values():
-            self._isolated(group, self._decode)
+            for start in range(0, len(group), self.max_images):  # the same memory bound as a call
+                self._isolated(group[start : start + self.max_images], self._decode)
 
     def _decode(self, images: list[ImageState]) -> None:
-        images = [im for im in images if not im.job.future.done()]
+        images = [im for im in images if not im.job.future.done() and im.job.images[im.index] is None]
         if not images:
             return
         try:
@@ -213,19 +213,21 @@ class StepLoop:
         run(images[half:])
 
     def _per_request(self, items: list, run: Callable, exc: Exception) -> None:
-        """A shared call failed: rerun it per request, so that only the request that breaks it fails.
-        ``items`` are jobs or images."""
+        """A shared call failed: rerun it per request, so that only the request that breaks it
+        fails. ``items`` are jobs or images."""
         jobs = _jobs(items)
-        if len(jobs) > 1:
-            log.warning("a call for %d requests failed (%s); retrying them one by one", len(jobs), exc)
+        if len(jobs) == 1:
+            self._broke(jobs[0], exc)
+            return
+        log.warning("a call for %d requests failed (%s); retrying them one by one", len(jobs), exc)
         for job in jobs:
             try:
-                if len(jobs) > 1:
-                    run([x for x in items if _job(x) is job])
-                    continue
+                run([x for x in items if _job(x) is job])
             except Exception as own:  # noqa: BLE001
-                exc = own
-            self._fail(job, GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"), "generation_error", exc)
+                self._broke(job, own)
+
+    def _broke(self, job: Job, exc: Exception) -> None:
+        self._fail(job, GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"), "generation_error", exc)
 
     def _isolated(self, items: list, run: Callable) -> None:
         try:
