@@ -3,6 +3,9 @@
 * head-of-line: a short request sent while a long one runs, against the short one alone;
 * mixed traffic: concurrent clients whose steps, guidance and samplers all differ, against the
   same clients with identical settings: denoising steps/s, and latency by request length.
+
+What is compared is measured in alternation, so that a machine whose speed drifts (a shared CPU)
+weighs on both sides alike.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ def percentile(samples: list[float], q: float) -> float:
 def head_of_line(server, size: int, short_steps: int, long_steps: int, runs: int) -> dict:
     """Latency of a ``short_steps`` request alone, and sent while a ``long_steps`` one runs."""
     common = {"width": size, "height": size, "refiner": "none", "seed": 1}
-    alone = [server.predict(num_inference_steps=short_steps, **common) for _ in range(runs + 1)][1:]
+    server.predict(num_inference_steps=short_steps, **common)
     long_alone = server.predict(num_inference_steps=long_steps, **common)
-    behind, long_latencies = [], []
+    alone, behind, long_latencies = [], [], []
     for _ in range(runs):
+        alone.append(server.predict(num_inference_steps=short_steps, **common))
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             running = pool.submit(server.predict, num_inference_steps=long_steps, **common)
             time.sleep(0.25 * long_alone)  # well inside the long request's denoising
@@ -41,9 +45,9 @@ def head_of_line(server, size: int, short_steps: int, long_steps: int, runs: int
             "ratio": round(ratio, 3)}
 
 
-def _traffic(server, clients: int, requests_per_client: int, plan) -> dict:
-    """``clients`` threads each send ``requests_per_client`` requests; ``plan(client, i)`` gives one."""
-    latencies: dict[int, list[float]] = {}
+def _traffic(server, clients: int, requests_per_client: int, plan, totals: dict) -> None:
+    """``clients`` threads each send ``requests_per_client`` requests (``plan(client, i)`` gives
+    one); adds steps, seconds and latencies by steps to ``totals``."""
     lock = threading.Lock()
 
     def client(c: int) -> int:
@@ -52,32 +56,40 @@ def _traffic(server, clients: int, requests_per_client: int, plan) -> dict:
             params = plan(c, i)
             latency = server.predict(**params)
             with lock:
-                latencies.setdefault(params["num_inference_steps"], []).append(latency)
+                totals["latencies"].setdefault(params["num_inference_steps"], []).append(latency)
             steps += params["num_inference_steps"]
         return steps
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        steps = sum(pool.map(client, range(clients)))
-    elapsed = time.perf_counter() - start
-    return {"clients": clients, "requests": clients * requests_per_client, "seconds": round(elapsed, 2),
-            "steps_per_s": round(steps / elapsed, 2),
+        totals["steps"] += sum(pool.map(client, range(clients)))
+    totals["seconds"] += time.perf_counter() - start
+    totals["requests"] += clients * requests_per_client
+
+
+def _summary(totals: dict, clients: int) -> dict:
+    return {"clients": clients, "requests": totals["requests"], "seconds": round(totals["seconds"], 2),
+            "steps_per_s": round(totals["steps"] / totals["seconds"], 2),
             "latency_by_steps": {n: {"p50": percentile(v, 50), "p99": percentile(v, 99), "requests": len(v)}
-                                 for n, v in sorted(latencies.items())}}
+                                 for n, v in sorted(totals["latencies"].items())}}
 
 
-def mixed_traffic(server, size: int, clients: int, requests_per_client: int, steps: list[int]) -> dict:
-    """The same clients with identical settings, then with mixed steps, guidance and samplers
-    (the mixed steps average the identical ones'), one after the other on one server."""
+def mixed_traffic(server, size: int, clients: int, requests_per_client: int, steps: list[int], rounds: int) -> dict:
+    """The same clients with identical settings, then with mixed steps, guidance and samplers (the
+    mixed steps average the identical ones'), alternating for ``rounds`` rounds on one server."""
     common = {"width": size, "height": size, "refiner": "none"}
     mean_steps = round(statistics.mean(steps))
-    identical = _traffic(server, clients, requests_per_client,
-                         lambda c, i: {**common, "num_inference_steps": mean_steps, "guidance_scale": 5.0,
-                                       "scheduler": "Euler", "seed": c * 100 + i})
     cycle = list(itertools.product(steps, MIXED_GUIDANCE, MIXED_SAMPLERS))
-    mixed = _traffic(server, clients, requests_per_client,
-                     lambda c, i: {**common, "num_inference_steps": steps[(c + i) % len(steps)],
-                                   "guidance_scale": cycle[(7 * c + i) % len(cycle)][1],
-                                   "scheduler": cycle[(3 * c + 5 * i) % len(cycle)][2], "seed": c * 100 + i})
-    return {"identical": identical, "mixed": mixed,
+    identical = {"steps": 0, "seconds": 0.0, "requests": 0, "latencies": {}}
+    mixed = {"steps": 0, "seconds": 0.0, "requests": 0, "latencies": {}}
+    for r in range(rounds):
+        _traffic(server, clients, requests_per_client,
+                 lambda c, i: {**common, "num_inference_steps": mean_steps, "guidance_scale": 5.0,
+                               "scheduler": "Euler", "seed": c * 100 + i}, identical)
+        _traffic(server, clients, requests_per_client,
+                 lambda c, i: {**common, "num_inference_steps": steps[(c + i + r) % len(steps)],
+                               "guidance_scale": cycle[(7 * c + i) % len(cycle)][1],
+                               "scheduler": cycle[(3 * c + 5 * i + r) % len(cycle)][2], "seed": c * 100 + i}, mixed)
+    identical, mixed = _summary(identical, clients), _summary(mixed, clients)
+    return {"identical": identical, "mixed": mixed, "rounds": rounds,
             "mixed_over_identical": round(mixed["steps_per_s"] / identical["steps_per_s"], 3)}

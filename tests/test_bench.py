@@ -23,7 +23,8 @@ def test_harness_runs_on_cpu(tmp_path):
     run = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--runs", "2", "--warmup", "1", "--steps", "4",
          "--clients", "1", "4", "--requests_per_client", "1", "--results", str(tmp_path),
-         "--long_steps", "12", "--mixed_clients", "4", "--mixed_requests_per_client", "2", "--mixed_steps", "2,6"],
+         "--long_steps", "12", "--mixed_clients", "4", "--mixed_requests_per_client", "2", "--mixed_steps", "2,6",
+         "--gain_rounds", "1", "--mixed_rounds", "1"],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -32,7 +33,7 @@ def test_harness_runs_on_cpu(tmp_path):
     for key in ("device", "torch", "diffusers", "unet_it_per_s", "e2e_ratio_vs_diffusers", "mlperf_images_per_s",
                 "batch_gain_kept", "head_of_line_ratio", "mixed_over_identical"):
         assert report[key], key
-    assert len(report["baseline"]["latency_s"]["runs"]) == 2 and report["server"]["cold_start_s"] > 0
+    assert len(report["server"]["baseline"]["latency_s"]["runs"]) == 2 and report["server"]["cold_start_s"] > 0
     assert [m["clients"] for m in report["server"]["mlperf"]] == [1, 4]
     assert result.with_suffix(".md").read_text().startswith("# sdserve benchmark")
     assert set(report["server"]["mixed_traffic"]["mixed"]["latency_by_steps"]) == {"2", "6"}

@@ -278,3 +278,26 @@ def test_vae_tiling_decodes_large_images(models):
         assert [i.shape for i in images] == [(512, 1024, 3)] * 2 and images[0].std() > 5
     finally:
         engine.close()
+
+
+def test_memoised_lms_steps_exactly_as_diffusers_lms(models):
+    import diffusers
+    import torch
+
+    from sdserve.schedulers import MemoisedLMSDiscreteScheduler, build_scheduler
+
+    config = json.loads((models["sdxl"] / "scheduler" / "scheduler_config.json").read_text())
+    first, second = build_scheduler("LMS Karras", config), build_scheduler("LMS Karras", config)
+    plain = diffusers.LMSDiscreteScheduler.from_config(config, use_karras_sigmas=True)
+    assert isinstance(second, MemoisedLMSDiscreteScheduler) and not isinstance(plain, MemoisedLMSDiscreteScheduler)
+
+    def run(scheduler):  # the second memoised run takes every coefficient from the first's
+        scheduler.set_timesteps(12)
+        noise, x = torch.Generator().manual_seed(0), torch.ones(1, 4, 8, 8)
+        for t in scheduler.timesteps:
+            scheduler.scale_model_input(x, t)
+            x = scheduler.step(torch.randn(x.shape, generator=noise), t, x).prev_sample
+        return x
+
+    run(first)
+    assert torch.equal(run(second), run(plain))
