@@ -96,8 +96,8 @@ class LocalEngine:
             if self.model.refiner is not None:
                 optimize.apply(self.model.refiner, optimizations, include_vae=False)
         self.parser = RequestParser(Limits(), self.model.capabilities, self.adapters)
-        padded = optimizations is not None and optimizations.compile != "none"
-        return ModelBackend(self.model, self.adapters, faults, pad_rows=padded)
+        compiled = "none" if optimizations is None else optimizations.compile
+        return ModelBackend(self.model, self.adapters, faults, pad_rows=compiled != "none", pad_decode=compiled == "all")
 
     def parse(self, values: dict) -> GenerationRequest:
         return self.parser.parse(values)

@@ -132,7 +132,7 @@ class SDModel(kserve.Model):
             dtype,
             f", LoRA adapters: {', '.join(self.adapters.names())}" if self.adapters.names() else "",
         )
-        return ModelBackend(self.loaded, self.adapters, pad_rows=opts.compile != "none")
+        return ModelBackend(self.loaded, self.adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all")
 
     def _warmup(self, backend: ModelBackend) -> list[tuple[str, list[GenerationRequest]]]:
         """For each --warmup size, denoiser calls of every padded row count (1, 2, 4, ... up to

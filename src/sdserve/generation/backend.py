@@ -21,12 +21,13 @@ class ModelBackend:
     """Owned by the worker thread, like the pipelines it wraps."""
 
     def __init__(self, model: LoadedModel, adapters: Adapters | None = None, faults: Faults | None = None,
-                 pad_rows: bool = False):
+                 pad_rows: bool = False, pad_decode: bool = False):
         self.model = model
         self.adapters = adapters
         self.faults = faults or Faults.from_env()
-        # Compiled denoisers are specialised to shapes: calls are padded to a few row counts.
-        self.pad_rows = pad_rows
+        # Compiled models are specialised to shapes: calls are padded to a few batch sizes.
+        self.pad_rows = pad_rows  # the denoiser is compiled
+        self.pad_decode = pad_decode  # the VAE decoder is compiled
         caps = model.capabilities
         self.base: Phase = BY_FAMILY[caps.family](model.base, model.scheduler_config, caps.scheduler_family)
         self.refiner = (SDXLRefinerPhase(model.refiner, model.refiner_scheduler_config)

@@ -139,7 +139,7 @@ class StepLoop:
         if not images:
             return
         try:
-            arrays = decode(images, self.max_images, pad=self.backend.pad_rows)
+            arrays = decode(images, self.max_images, pad=self.backend.pad_decode)
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
                 raise
