@@ -77,7 +77,7 @@ def resolve_scheduler_name(name: str, family: str = "diffusion") -> str:
 
 
 def build_scheduler(name: str | None, base_config: Any, seeds: list[int] | None = None, family: str = "diffusion"):
-    """A fresh scheduler for one pipeline call (schedulers are stateful, so never shared).
+    """A fresh scheduler for one image, or one pipeline call (schedulers are stateful, never shared).
 
     ``name`` None rebuilds the model's own scheduler. ``seeds`` (one per image) seed the Brownian
     noise of the SDE samplers per image, so batched images equal unbatched ones.
