@@ -359,8 +359,8 @@ def main() -> None:
                                           "mlperf_images_per_s", "batch_gain_kept",
                                           "head_of_line_ratio", "mixed_over_identical")}, indent=2))
     log(f"wrote {args.results / stem}.json, .md, .log and .server.log")
-    for raw in (LOG, server_log):  # results are committed: keep this checkout's path out of them
-        raw.write_text(raw.read_text().replace(str(ROOT), "."))
+    for raw in (LOG, server_log):  # results are committed: keep this machine's paths out of them
+        raw.write_text(raw.read_text().replace(str(ROOT), ".").replace(str(args.model_dir), "<model_dir>"))
 
 
 if __name__ == "__main__":
