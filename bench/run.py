@@ -89,7 +89,8 @@ def engine_run(model_dir: Path, args, device: torch.device) -> dict:
     """The engine as the server runs it: one worker thread loads, optimises and runs the step loop."""
     from sdserve import model_store, optimize
     from sdserve.generation import Engine, EngineSettings, ModelBackend
-    from sdserve.request import Limits, RequestParser
+    from sdserve.request import Limits
+    from sdserve.validation import RequestParser
 
     dtype = model_store.resolve_dtype(args.dtype, device)
     call = dict(prompt=PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size)

@@ -85,7 +85,8 @@ class LocalEngine:
     def _prepare(self, path, faults, load_options, optimizations):
         from sdserve import model_store, optimize
         from sdserve.generation import ModelBackend
-        from sdserve.request import Limits, RequestParser
+        from sdserve.request import Limits
+        from sdserve.validation import RequestParser
 
         options = load_options or model_store.LoadOptions()
         self.model = model_store.load(model_store.discover(path), torch.device("cpu"), torch.float32, options=options)

@@ -5,7 +5,8 @@ import math
 import pytest
 from kserve.errors import InvalidInput
 
-from sdserve.request import MAX_SEED, GenerationRequest, Limits, ModelCapabilities, RefinerMode, RequestParser
+from sdserve.request import MAX_SEED, GenerationRequest, Limits, ModelCapabilities, RefinerMode
+from sdserve.validation import RequestParser
 
 SDXL = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl", has_refiner=True)
 SDXL_NO_REFINER = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl")

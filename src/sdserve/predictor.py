@@ -23,12 +23,13 @@ from kserve.errors import InvalidInput
 from . import metrics, model_store, optimize, storage
 from .adapters import Adapters
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
+from .generation import Engine, EngineSettings, ModelBackend
+from .generation.policy import buckets
 from .optimize import Optimizations
 from .prompts import counting_tokenizers, prompt_warnings
 from .protocol import openai_images, v1, v2
-from .generation import Engine, EngineSettings, ModelBackend
-from .generation.policy import buckets
-from .request import GenerationRequest, Limits, RequestParser
+from .request import GenerationRequest, Limits
+from .validation import RequestParser
 
 log = logging.getLogger("sdserve")
 

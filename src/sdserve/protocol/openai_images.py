@@ -14,8 +14,10 @@ from typing import Any
 
 from kserve.errors import InvalidInput
 
+from ..fields import ALIASES, FIELDS
 from ..imaging import b64, encode_image
-from ..request import ALIASES, FIELDS, GenerationRequest, GenerationResult, RequestParser
+from ..request import GenerationRequest, GenerationResult
+from ..validation import RequestParser
 
 # OpenAI quality names -> multiple of the default number of steps.
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "auto": 1.0, "standard": 1.0, "high": 1.5, "hd": 1.5, "xhigh": 2.0, "max": 2.0}

@@ -14,7 +14,8 @@ from typing import Any
 from kserve.errors import InvalidInput
 
 from ..imaging import b64, encode_image
-from ..request import GenerationRequest, GenerationResult, RequestParser
+from ..request import GenerationRequest, GenerationResult
+from ..validation import RequestParser
 
 TOP_LEVEL = ("instances", "parameters")
 

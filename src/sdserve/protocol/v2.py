@@ -20,7 +20,8 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 
 from ..imaging import b64, encode_image
-from ..request import GenerationRequest, GenerationResult, RequestParser
+from ..request import GenerationRequest, GenerationResult
+from ..validation import RequestParser
 
 PROMPT = "prompt"
 NEGATIVE_PROMPT = "negative_prompt"

@@ -14,22 +14,18 @@ weights are random, only the machinery is real.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
 from pathlib import Path
 
 import torch
 
+from .original_layout import write_single_file
+from .tokenizers import clip_tokenizer, save_pipeline, t5_tokenizer, write_clip_tokenizer_files
+
+__all__ = ["KINDS", "build_sd", "build_sd3", "build_sdxl", "clip_tokenizer", "save_pipeline", "write_clip_tokenizer_files",
+           "write_lora", "write_single_file", "write_tiny_model"]
+
 KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd-single-file")
 
-# A few words to learn BPE merges from, so the tokenizer is a real (if small) CLIP BPE.
-_CORPUS = """
-a photo of an astronaut riding a horse on the moon, highly detailed, sharp focus, studio lighting
-portrait of a dog in a field of flowers at sunset, oil painting, trending, cinematic, 4k
-a cat sitting on a red chair in a sunny kitchen, watercolor, soft light, beautiful landscape
-mountains and a lake under the stars, digital art, photorealistic, ugly, blurry, deformed
-"""
-_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -38,73 +34,6 @@ _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "timestep_spacing": "leading",
     "num_train_timesteps": 1000,
 }
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP/GPT-2 byte-level alphabet: every byte as a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _learn_merges(text: str, count: int) -> list[tuple[str, str]]:
-    """Plain BPE merge learning over the words of ``text`` (CLIP marks word ends with </w>)."""
-    words = Counter(text.lower().replace(",", " ").split())
-    vocab = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in words.items()}
-    merges: list[tuple[str, str]] = []
-    for _ in range(count):
-        pairs: Counter = Counter()
-        for word, n in vocab.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += n
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        merged = {}
-        for word, n in vocab.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = n
-        vocab = merged
-    return merges
-
-
-def write_clip_tokenizer_files(dest: Path, merges_count: int = 96) -> int:
-    """Write vocab.json and merges.txt of a small CLIP BPE tokenizer; return the vocab size."""
-    alphabet = _bytes_to_unicode()
-    merges = _learn_merges(_CORPUS, merges_count)
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + list(_SPECIALS)
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return len(vocab)
-
-
-def clip_tokenizer(scratch: Path, pad_token: str):
-    from transformers import CLIPTokenizer
-
-    write_clip_tokenizer_files(scratch)
-    return CLIPTokenizer(
-        vocab=str(scratch / "vocab.json"),
-        merges=str(scratch / "merges.txt"),
-        pad_token=pad_token,
-        model_max_length=77,
-    )
 
 
 def _text_config(tokenizer, projection: bool):
@@ -224,17 +153,6 @@ def build_sd(scratch: Path, seed: int = 0):
     )
 
 
-def _t5_tokenizer():
-    """A small T5 (Unigram, SentencePiece-style) tokenizer built from the corpus's words."""
-    from transformers import T5Tokenizer
-
-    words = sorted(set(_CORPUS.lower().replace(",", " ").split()))
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(f"\u2581{w}", -1.0) for w in words]
-    pieces += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)] + [(str(d), -5.0) for d in range(10)]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
 def build_sd3(scratch: Path, seed: int = 0):
     """A tiny StableDiffusion3Pipeline: MMDiT transformer, two CLIP encoders and a T5 encoder."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -243,7 +161,7 @@ def build_sd3(scratch: Path, seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(scratch / "tok1", "<|endoftext|>")
     tokenizer_2 = clip_tokenizer(scratch / "tok2", "!")
-    tokenizer_3 = _t5_tokenizer()
+    tokenizer_3 = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_layers=2,
                                  num_heads=4, pad_token_id=0, eos_token_id=1))
     return StableDiffusion3Pipeline(
@@ -287,113 +205,6 @@ def write_lora(pipeline, dest: Path, seed: int) -> Path:
     denoiser.delete_adapters("tiny")
     type(pipeline).save_lora_weights(dest, safe_serialization=True, **{f"{denoiser_name}_lora_layers": layers})
     return dest
-
-
-def _ldm_unet(unet) -> dict:
-    """A diffusers UNet state dict in the original (LDM) layout: the inverse of diffusers'
-    ``convert_ldm_unet_checkpoint`` for SD-style UNets."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]  # diffusers name -> original name
-    renames = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-               ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
-    per_level = unet.config.layers_per_block + 1
-    out = {}
-    for key, value in unet.state_dict().items():
-        parts = key.split(".")
-        if key in top:
-            new = top[key]
-        elif parts[0] == "mid_block":
-            index = 1 if parts[1] == "attentions" else 2 * int(parts[2])
-            new = _ldm_block(f"middle_block.{index}", parts[1], parts[3:], renames)
-        elif parts[0] in ("down_blocks", "up_blocks") and parts[2] == "downsamplers":
-            new = f"input_blocks.{(int(parts[1]) + 1) * per_level}.0.op.{'.'.join(parts[5:])}"
-        elif parts[0] in ("down_blocks", "up_blocks") and parts[2] == "upsamplers":
-            level = int(parts[1])
-            position = 2 if hasattr(unet.up_blocks[level], "attentions") else 1
-            new = f"output_blocks.{level * per_level + per_level - 1}.{position}.conv.{'.'.join(parts[5:])}"
-        elif parts[0] in ("down_blocks", "up_blocks"):
-            down = parts[0] == "down_blocks"
-            index = (1 if down else 0) + int(parts[1]) * per_level + int(parts[3])
-            head = f"{'input_blocks' if down else 'output_blocks'}.{index}.{0 if parts[2] == 'resnets' else 1}"
-            new = _ldm_block(head, parts[2], parts[4:], renames)
-        else:
-            raise ValueError(f"no original-layout name for UNet weight {key}")
-        out[f"model.diffusion_model.{new}"] = value
-    return out
-
-
-def _ldm_block(head: str, kind: str, rest: list[str], renames) -> str:
-    tail = ".".join(rest)
-    if kind == "resnets":
-        for diffusers_name, ldm_name in renames:
-            tail = tail.replace(diffusers_name, ldm_name)
-    return f"{head}.{tail}"
-
-
-def _ldm_vae(vae) -> dict:
-    """The inverse of diffusers' ``convert_ldm_vae_checkpoint``."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
-    attention = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
-    levels = len(vae.config.up_block_types)
-    out = {}
-    for key, value in vae.state_dict().items():
-        parts = key.split(".")
-        if key in top:
-            new = top[key]
-        elif parts[1] in ("down_blocks", "up_blocks"):
-            level = int(parts[2]) if parts[1] == "down_blocks" else levels - 1 - int(parts[2])
-            side = "down" if parts[1] == "down_blocks" else "up"
-            if parts[3] == "resnets":
-                new = f"{parts[0]}.{side}.{level}.block.{'.'.join(parts[4:])}".replace("conv_shortcut", "nin_shortcut")
-            else:  # downsamplers.0.conv / upsamplers.0.conv
-                new = f"{parts[0]}.{side}.{level}.{'downsample' if side == 'down' else 'upsample'}.{'.'.join(parts[5:])}"
-        elif parts[1] == "mid_block" and parts[2] == "resnets":
-            new = f"{parts[0]}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}".replace("conv_shortcut", "nin_shortcut")
-        elif parts[1] == "mid_block" and parts[2] == "attentions":
-            tail = ".".join(parts[4:])
-            for diffusers_name, ldm_name in attention:
-                tail = tail.replace(diffusers_name, ldm_name)
-            new = f"{parts[0]}.mid.attn_1.{tail}"
-            if value.ndim == 2:  # the original attention uses 1x1 convolutions
-                value = value[:, :, None, None]
-        else:
-            raise ValueError(f"no original-layout name for VAE weight {key}")
-        out[f"first_stage_model.{new}"] = value
-    return out
-
-
-def write_single_file(pipeline, dest: Path) -> Path:
-    """Save an SD-style pipeline as one original-layout ``.safetensors`` (UNet, VAE, CLIP text
-    encoder, as A1111-style checkpoints are) plus the diffusers configs it needs, without weights."""
-    from safetensors.torch import save_file
-
-    weights = {**_ldm_unet(pipeline.unet), **_ldm_vae(pipeline.vae)}
-    # original checkpoints name CLIP's weights text_model.*; newer transformers drop that level
-    weights.update({
-        f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
-        for k, v in pipeline.text_encoder.state_dict().items()
-    })
-    dest.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, dest / "model.safetensors")
-    config = dest / "config"
-    save_pipeline(pipeline, config)
-    for weights_file in config.glob("*/*.safetensors"):
-        weights_file.unlink()  # the config folder holds configs and tokenizers only
-    return dest / "model.safetensors"
-
-
-def save_pipeline(pipeline, dest: Path) -> None:
-    """save_pretrained, with tokenizers stored as vocab.json + merges.txt as in the SDXL repos
-    (so loading goes through the same files a real model has)."""
-    pipeline.save_pretrained(dest, safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):
-        folder = dest / name
-        if folder.is_dir():
-            (folder / "tokenizer.json").unlink(missing_ok=True)
-            write_clip_tokenizer_files(folder)
 
 
 def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0, loras: tuple[str, ...] = ()) -> Path:
