@@ -135,7 +135,7 @@ class SDModel(kserve.Model):
         )
         return ModelBackend(self.loaded, self.adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all")
 
-    def _warmup(self, backend: ModelBackend) -> list[tuple[str, list[GenerationRequest]]]:
+    def _warmup(self) -> list[tuple[str, list[GenerationRequest]]]:
         """For each --warmup size, denoiser calls of every padded row count (1, 2, 4, ... up to
         2 x --max_batch_images): compiled graphs are specialised to shapes, and none should compile
         while serving. One row is an image without guidance; two rows, an image with it."""

@@ -3,23 +3,11 @@ then the pipeline's own post-processing and rounding to 8 bits."""
 
 from __future__ import annotations
 
-import gc
-
 import numpy as np
 import torch
 
 from .policy import padded
 from .state import ImageState
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from .loop import StepLoop
 log = logging.getLogger("sdserve")
 
 # What to generate at start-up before serving: (what it warms, for the log; the requests, admitted together).
-Warmup = Callable[[ModelBackend], list[tuple[str, list[GenerationRequest]]]]
+Warmup = Callable[[], list[tuple[str, list[GenerationRequest]]]]
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ class Engine:
         try:
             backend = prepare()
             self.loop = StepLoop(backend, self.settings.max_batch_images)
-            for what, requests in warmup(backend) if warmup else []:
+            for what, requests in warmup() if warmup else []:
                 started = time.perf_counter()
                 jobs = [Job(r, "warm-up") for r in requests]
                 self.loop.run_to_completion(jobs)

@@ -12,6 +12,7 @@ retried per request, so that only the request that breaks it fails.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Callable
@@ -23,12 +24,22 @@ from ..errors import GenerationFailed, ImageTooLarge
 from ..request import GenerationResult
 from .admission import Job, Progress
 from .backend import ModelBackend
-from .decode import decode, is_out_of_memory, release_memory
+from .decode import decode
 from .denoise import Denoise
 from .policy import StepPolicy
 from .state import ImageState
 
 log = logging.getLogger("sdserve")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _job(item: Job | ImageState) -> Job:

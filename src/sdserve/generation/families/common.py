@@ -22,6 +22,14 @@ from ...schedulers import build_scheduler
 from ..state import ImageState, Rows, Schedule
 
 
+def negatives(requests: list[GenerationRequest], encoder: int) -> list[str] | None:
+    """Negative prompts for text encoder ``encoder`` (1-3), or None when the requests give none
+    (SDXL then zeroes the negative embedding, as diffusers does). The requests agree on that."""
+    if requests[0].negative_prompt is None:
+        return None
+    return [r.negative(encoder) for r in requests]
+
+
 @functools.cache
 def _step_parameters(scheduler_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(scheduler_class.step).parameters)

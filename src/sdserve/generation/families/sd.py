@@ -8,15 +8,14 @@ import torch
 
 from ...request import GenerationRequest
 from ..state import ImageState, Rows, Schedule
-from .common import Phase
+from .common import Phase, negatives
 
 
 class StableDiffusionPhase(Phase):
     def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
-        has_negative = requests[0].negative_prompt is not None
         embeds, negative = self.pipe.encode_prompt(
             [r.prompt for r in requests], self.device, 1, guided,
-            [r.negative(1) for r in requests] if has_negative else None,
+            negatives(requests, 1),
         )
         rows = []
         for i, request in enumerate(requests):

@@ -4,25 +4,17 @@ and an optional T5 (``--drop_t5``: its embeddings are zeros, as diffusers does w
 from __future__ import annotations
 
 import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ...request import GenerationRequest
 from ..state import ImageState, Rows, Schedule
-from .common import Phase
-
-
-def _shift(image_seq_len: int, config) -> float:
-    """diffusers' calculate_shift: the schedule's mu for resolution-dependent shifting."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
-    m = (max_shift - base_shift) / (max_len - base_len)
-    return image_seq_len * m + (base_shift - m * base_len)
+from .common import Phase, negatives
 
 
 class StableDiffusion3Phase(Phase):
     passes_step_kwargs = False
 
     def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
-        has_negative = requests[0].negative_prompt is not None
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=[r.prompt for r in requests],
             prompt_2=[r.prompt_2 or r.prompt for r in requests],
@@ -30,9 +22,9 @@ class StableDiffusion3Phase(Phase):
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=guided,
-            negative_prompt=[r.negative(1) for r in requests] if has_negative else None,
-            negative_prompt_2=[r.negative(2) for r in requests] if has_negative else None,
-            negative_prompt_3=[r.negative(3) for r in requests] if has_negative else None,
+            negative_prompt=negatives(requests, 1),
+            negative_prompt_2=negatives(requests, 2),
+            negative_prompt_3=negatives(requests, 3),
         )
         rows = []
         for i in range(len(requests)):
@@ -47,10 +39,13 @@ class StableDiffusion3Phase(Phase):
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         scheduler = self.new_scheduler(request, image_seed)
         kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", None):  # resolution-dependent shift, as the pipeline does
             patch, scale = self.denoiser.config.patch_size, self.pipe.vae_scale_factor
             seq_len = (request.height // scale // patch) * (request.width // scale // patch)
-            kwargs["mu"] = _shift(seq_len, scheduler.config)
+            kwargs["mu"] = calculate_shift(seq_len, config.get("base_image_seq_len", 256),
+                                           config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                           config.get("max_shift", 1.16))
         scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
         return self.schedule(scheduler, scheduler.timesteps, rows, generator)
 

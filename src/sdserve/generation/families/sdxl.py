@@ -15,20 +15,19 @@ import torch
 
 from ...request import GenerationRequest, RefinerMode
 from ..state import ImageState, Rows, Schedule
-from .common import Phase
+from .common import Phase, negatives
 
 
 class _SDXLPhase(Phase):
     def _embeddings(self, requests: list[GenerationRequest], guided: bool):
-        has_negative = requests[0].negative_prompt is not None
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=[r.prompt for r in requests],
             prompt_2=[r.prompt_2 or r.prompt for r in requests],
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=guided,
-            negative_prompt=[r.negative(1) for r in requests] if has_negative else None,
-            negative_prompt_2=[r.negative(2) for r in requests] if has_negative else None,
+            negative_prompt=negatives(requests, 1),
+            negative_prompt_2=negatives(requests, 2),
         )
         encoder_2 = self.pipe.text_encoder_2
         projection = encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1])
