@@ -91,7 +91,6 @@ class StepLoop:
             self.backend.use_adapters(images[0].job.request.loras)
         self._denoise(images)
         self._advance([im for im in images if not im.job.future.done()], stepped=len(images))
-        self.denoise.forget({im.group_key() for im in self.active})
         return True
 
     def _denoise(self, images: list[ImageState]) -> None:
@@ -159,7 +158,7 @@ class StepLoop:
         for image, array in zip(images, arrays):
             image.job.images[image.index] = array
             self.active.remove(image)
-        metrics.ACTIVE_IMAGES.set(len(self.active))
+        self._left()
         for job in _jobs(images):
             if all(a is not None for a in job.images):
                 self._complete(job)
@@ -193,7 +192,12 @@ class StepLoop:
         if not job.future.done():
             job.future.set_exception(error)
         self.active = [im for im in self.active if im.job is not job]
+        self._left()
+
+    def _left(self) -> None:
+        """Images left the loop: drop the cached conditioning of groups that are gone."""
         metrics.ACTIVE_IMAGES.set(len(self.active))
+        self.denoise.forget({im.group_key() for im in self.active})
 
     def fail_all(self, error: Exception, reason: str) -> None:
         for job in _jobs(self.active):
