@@ -7,6 +7,8 @@ scheduler per call. sdserve's step-level engine must give the same images.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 
@@ -54,8 +56,10 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
         kwargs.update(original_size=request.original_size, crops_coords_top_left=request.crops_coords_top_left or (0, 0),
                       target_size=request.target_size)
     base = model.base
-    base.scheduler = build_scheduler(request.scheduler, model.scheduler_config, seeds, model.capabilities.scheduler_family)
     size = {"height": request.height, "width": request.width}
+    if request.image is not None:
+        return _from_image(model, request, kwargs, size)
+    base.scheduler = build_scheduler(request.scheduler, model.scheduler_config, seeds, model.capabilities.scheduler_family)
     mode = request.refiner if model.refiner is not None else RefinerMode.NONE
     if mode is RefinerMode.NONE:
         return list(to_uint8(base(**size, output_type="np", **kwargs).images))
@@ -68,6 +72,57 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
         latents = base(**size, output_type="latent", **kwargs).images
         images = refiner(image=latents, strength=request.refiner_strength, output_type="np", **kwargs).images
     return list(to_uint8(images))
+
+
+def _from_image(model: LoadedModel, request: GenerationRequest, kwargs: dict, size: dict) -> list[np.ndarray]:
+    """An image-input request as diffusers runs it: AutoPipelineForImage2Image/-Inpainting made
+    from the loaded pipeline (or the loaded inpainting / refiner pipeline itself), one call per
+    image so each has its own generator throughout (the inpaint pipelines encode the start image
+    with the first generator of a list only)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    caps = model.capabilities
+    base = model.base
+    if request.mask is not None:
+        pipe = base if caps.needs_mask else AutoPipelineForInpainting.from_pipe(base)
+        inputs = {"image": request.image, "mask_image": request.mask, **size}
+    else:
+        pipe = base if caps.needs_image else AutoPipelineForImage2Image.from_pipe(base)
+        inputs = {"image": request.image}
+        if "height" in inspect.signature(type(pipe).__call__).parameters:  # SD3's: else its default size
+            inputs.update(size)
+    mode = request.refiner if model.refiner is not None else RefinerMode.NONE
+    images = []
+    for i, seed in enumerate(request.seeds):
+        one = {k: (v[i : i + 1] if isinstance(v, list) else v) for k, v in kwargs.items()}
+        one["generator"] = torch.Generator("cpu").manual_seed(seed)
+        pipe.scheduler = build_scheduler(request.scheduler, model.scheduler_config, [seed], caps.scheduler_family)
+        call = {**one, **inputs, "strength": request.strength}
+        if mode is RefinerMode.NONE and caps.family == "sd3" and request.mask is not None:
+            images.append(_sd3_decode(pipe, pipe(output_type="latent", **call).images))
+            continue
+        if mode is RefinerMode.NONE:
+            images.append(pipe(output_type="np", **call).images[0])
+            continue
+        refiner = model.refiner
+        refiner.scheduler = build_scheduler(request.scheduler, model.refiner_scheduler_config, [seed])
+        if mode is RefinerMode.ENSEMBLE:
+            latents = pipe(denoising_end=request.high_noise_frac, output_type="latent", **call).images
+            out = refiner(image=latents, denoising_start=request.high_noise_frac, output_type="np", **one)
+        else:
+            latents = pipe(output_type="latent", **call).images
+            out = refiner(image=latents, strength=request.refiner_strength, output_type="np", **one)
+        images.append(out.images[0])
+    return list(to_uint8(np.stack(images)))
+
+
+def _sd3_decode(pipe, latents) -> np.ndarray:
+    """SD3's decode as its text-to-image and img2img pipelines do it. diffusers' SD3 inpaint
+    pipeline leaves out the VAE's shift_factor when decoding (huggingface/diffusers#13611, issue 1;
+    its own encode applies it); sdserve decodes every SD3 image the same, correct way."""
+    vae = pipe.vae
+    image = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="np")[0]
 
 
 class LocalEngine:

@@ -37,11 +37,22 @@ FIELDS: dict[str, str] = {
     "format": "png | jpeg | webp",
     "quality": "jpeg/webp quality 1..100",
     "loras": 'LoRA adapters: [{"name": "...", "scale": 0.8}, ...] or ["name", ...]',
+    "image": "start image (img2img, inpainting): base64 PNG/JPEG/WebP or a data: URL",
+    "mask": "inpainting mask, same encodings: white = repaint, black = keep; needs image",
+    "strength": "with image: how much of the schedule runs, (0, 1]; default 0.8, or 1.0 with a mask",
 }
 ALIASES: dict[str, str] = {
     "denoising_limit": "high_noise_frac",
     "num_images_per_prompt": "num_images",
     "output_image_format": "format",
+    # as replicate's cog-sdxl and the AUTOMATIC1111 API name them
+    "prompt_strength": "strength",
+    "denoising_strength": "strength",
+    "init_images": "image",
+    "num_outputs": "num_images",
+    "steps": "num_inference_steps",
+    "cfg_scale": "guidance_scale",
+    "sampler_name": "scheduler",
 }
 MAX_LORAS = 8
 LORA_SCALE = 2.0  # scales from -2 to 2
@@ -212,9 +223,10 @@ class Fields:
         except KeyError as exc:
             raise InvalidInput(f"{self.label('scheduler')}: {exc.args[0]}") from None
 
-    def refiner_mode(self, has_refiner: bool) -> RefinerMode:
+    def refiner_mode(self, has_refiner: bool, inpaint: bool = False) -> RefinerMode:
+        """Inpainting runs on the base model alone: it defaults to, and allows only, none."""
         value = self.values.get("refiner")
-        default = RefinerMode.ENSEMBLE if has_refiner else RefinerMode.NONE
+        default = RefinerMode.ENSEMBLE if has_refiner and not inpaint else RefinerMode.NONE
         if value is None or value is True:
             return default
         if value is False:
@@ -223,6 +235,8 @@ class Fields:
         if not isinstance(value, str) or value.lower() not in [m.value for m in RefinerMode]:
             raise self._fail("refiner", f"one of {', '.join(allowed)}")
         mode = RefinerMode(value.lower())
+        if mode is not RefinerMode.NONE and inpaint:
+            raise InvalidInput(f"{self.label('refiner')}: inpainting (a mask) runs on the base model only; allowed: none")
         if mode is not RefinerMode.NONE and not has_refiner:
             raise InvalidInput(
                 f"{self.label('refiner')}: {mode.value!r} needs a refiner model and none is loaded; "

@@ -28,13 +28,16 @@ from .request import ModelCapabilities
 
 log = logging.getLogger("sdserve")
 
-# Pipelines sdserve can drive, by the class name in model_index.json.
+# Pipelines sdserve can drive, by the class name in model_index.json: their model family.
 TEXT_TO_IMAGE_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionPipeline": "sd",
     "StableDiffusion3Pipeline": "sd3",
 }
-REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+# Inpainting models: a UNet with extra input channels for the mask and the masked image.
+INPAINT_PIPELINES = {"StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl"}
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"  # also served alone, as an image-to-image model
+SERVED_PIPELINES = {**TEXT_TO_IMAGE_PIPELINES, **INPAINT_PIPELINES, REFINER_PIPELINE: "sdxl"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
@@ -257,12 +260,12 @@ def load(
 
     base_index = read_model_index(layout.index_folder)
     class_name = base_index["_class_name"]
-    if class_name not in TEXT_TO_IMAGE_PIPELINES:
+    if class_name not in SERVED_PIPELINES:
         raise ModelStoreError(
             f"{layout.base}: pipeline class {class_name} is not supported; "
-            f"supported: {', '.join(TEXT_TO_IMAGE_PIPELINES)}"
+            f"supported: {', '.join(SERVED_PIPELINES)}"
         )
-    family = TEXT_TO_IMAGE_PIPELINES[class_name]
+    family = SERVED_PIPELINES[class_name]
     cls = getattr(diffusers, class_name)
     extra: dict[str, Any] = {}
     if family == "sd":
@@ -309,6 +312,8 @@ def load(
         has_refiner=refiner is not None,
         scheduler_class=type(base.scheduler).__name__,
         has_t5=getattr(base, "text_encoder_3", None) is not None,
+        needs_mask=family != "sd3" and denoiser.config.in_channels != base.vae.config.latent_channels,
+        needs_image=class_name == REFINER_PIPELINE,
     )
     return LoadedModel(
         base,

@@ -3,7 +3,7 @@ it gets back, and the bounds and model capabilities validation works against."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -28,9 +28,10 @@ class Limits:
     max_prompt_length: int = 2000
     min_side: int = 64
     max_guidance_scale: float = 30.0
+    max_input_pixels: int = 4 * 2048 * 2048  # an input image's size, read from its header
 
     def __post_init__(self) -> None:
-        for name in ("max_side", "max_pixels", "max_steps", "max_images", "max_prompt_length"):
+        for name in ("max_side", "max_pixels", "max_steps", "max_images", "max_prompt_length", "max_input_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_side < self.min_side:
@@ -51,6 +52,8 @@ class ModelCapabilities:
     scheduler_class: str = "EulerDiscreteScheduler"
     size_multiple: int = 8
     has_t5: bool = False  # SD3 with its T5 encoder loaded
+    needs_mask: bool = False  # an inpainting model (extra mask channels): every request brings image + mask
+    needs_image: bool = False  # an image-to-image model (an SDXL refiner served alone)
 
     @property
     def is_sdxl(self) -> bool:
@@ -87,6 +90,11 @@ class GenerationRequest:
     image_format: str = "png"
     quality: int = 90
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), applied to the base model
+    # Image input: ``image`` (RGB) and ``mask`` (grayscale, white = repaint) are PIL images at
+    # width x height; ``strength`` is how much of the schedule runs from the noised image.
+    image: Any = field(default=None, compare=False, repr=False)
+    mask: Any = field(default=None, compare=False, repr=False)
+    strength: float | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -107,10 +115,12 @@ class GenerationRequest:
 
     def describe(self) -> dict[str, Any]:
         """The resolved parameters, as returned to clients so an image can be reproduced."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("image", "mask")}
         out["refiner"] = str(self.refiner)
         out["format"] = out.pop("image_format")
         out["loras"] = [{"name": name, "scale": scale} for name, scale in self.loras] or None
+        if self.image is not None:  # the image itself is the client's; say what was done with it
+            out["mode"] = "inpaint" if self.mask is not None else "img2img"
         for name in ("original_size", "crops_coords_top_left", "target_size"):
             if out[name] is not None:
                 out[name] = list(out[name])

@@ -15,6 +15,7 @@ from typing import Any
 
 from kserve.errors import InvalidInput
 
+from . import image_input
 from .fields import AdapterCatalog, Fields
 from .request import IMAGE_FORMATS, MAX_SEED, GenerationRequest, Limits, ModelCapabilities, RefinerMode
 from .schedulers import min_steps
@@ -77,7 +78,13 @@ class RequestParser:
                 if v.has(name):
                     raise InvalidInput(f"{v.label(name)}: the T5 encoder is not loaded (--drop_t5), so it would have no effect")
 
-        default_width, default_height = _default_size(model, lim)
+        start = self._start_image(v)
+        default_width, default_height = _default_size(model, lim, start.size if start else None)
+        if start is not None and v.has("width") != v.has("height"):  # one side given: keep the aspect
+            given = v.dimension("width" if v.has("width") else "height", 0, lim, model.size_multiple)
+            ratio = start.size[1] / start.size[0] if v.has("width") else start.size[0] / start.size[1]
+            other = max(model.size_multiple, int(given * ratio) // model.size_multiple * model.size_multiple)
+            default_width, default_height = (given, other) if v.has("width") else (other, given)
         width = v.dimension("width", default_width, lim, model.size_multiple)
         height = v.dimension("height", default_height, lim, model.size_multiple)
         if width * height > lim.max_pixels:
@@ -86,7 +93,9 @@ class RequestParser:
                 f"server limit of {lim.max_pixels} pixels"
             )
         steps = v.integer("num_inference_steps", min(model.default_steps, lim.max_steps), 1, lim.max_steps)
-        refiner = v.refiner_mode(model.has_refiner)
+        mask = self._mask(v, start)
+        refiner = v.refiner_mode(model.has_refiner, inpaint=mask is not None)
+        strength = self._strength(v, start, mask, steps)
         high_noise_frac = v.number("high_noise_frac", 0.8, 0.0, 1.0, open_range=True)
         refiner_strength = v.number("refiner_strength", 0.3, 0.0, 1.0, open_low=True)
         if refiner is RefinerMode.REFINE and int(steps * refiner_strength) < 1:
@@ -104,6 +113,12 @@ class RequestParser:
         if refiner is RefinerMode.ENSEMBLE and steps < 2:
             raise InvalidInput(
                 f"{v.label('num_inference_steps')}: the ensemble refiner mode needs at least 2 steps, got {steps}"
+            )
+        if refiner is RefinerMode.ENSEMBLE and strength is not None and strength <= 1 - high_noise_frac:
+            raise InvalidInput(
+                f"{v.label('strength')}: {strength} leaves the base model no step before the ensemble refiner takes "
+                f"over at high_noise_frac {high_noise_frac}; give strength above {1 - high_noise_frac:.3g}, or "
+                f"refiner: refine"
             )
         negative_prompt = v.text("negative_prompt", lim.max_prompt_length)
         negative_prompt_2 = v.text("negative_prompt_2", lim.max_prompt_length)
@@ -136,12 +151,67 @@ class RequestParser:
             image_format=image_format,
             quality=v.integer("quality", 90, 1, 100),
             loras=v.loras(self.adapters),
+            image=image_input.as_rgb(start, (width, height)) if start is not None else None,
+            mask=image_input.as_mask(mask, (width, height)) if mask is not None else None,
+            strength=strength,
         )
 
+    def _start_image(self, v: Fields):
+        """The decoded start image, or None; a model that needs one gets a 400 without it."""
+        if not v.has("image"):
+            if self.model.needs_image or self.model.needs_mask:
+                what = "an inpainting model: give image and mask" if self.model.needs_mask else \
+                    "an image-to-image model (an SDXL refiner alone): give image"
+                raise InvalidInput(f"{v.label('image')}: required: the loaded model is {what}")
+            return None
+        value = v.values["image"]
+        label = v.label("image")
+        if isinstance(value, list):  # AUTOMATIC1111's init_images: a list of one
+            if len(value) != 1:
+                raise InvalidInput(f"{label}: give exactly one image, got {len(value)}")
+            value, label = value[0], f"{label}[0]"
+        image = image_input.decode_image(value, label, self.limits.max_input_pixels)
+        smallest = self.limits.min_side
+        if min(image.size) < smallest:
+            raise InvalidInput(f"{label}: {image.size[0]}x{image.size[1]} is smaller than the server minimum "
+                               f"of {smallest} pixels a side")
+        return image
 
-def _default_size(model: ModelCapabilities, limits: Limits) -> tuple[int, int]:
-    """The model's own size, shrunk (keeping its aspect) when the server's limits are tighter."""
-    width, height = model.default_width, model.default_height
+    def _mask(self, v: Fields, start):
+        if not v.has("mask"):
+            if self.model.needs_mask and start is not None:
+                raise InvalidInput(f"{v.label('mask')}: required: the loaded model is an inpainting model")
+            return None
+        if start is None:
+            raise InvalidInput(f"{v.label('mask')}: a mask needs an image to repaint; give image as well")
+        if self.model.needs_image:
+            raise InvalidInput(f"{v.label('mask')}: the loaded model (an SDXL refiner alone) does not inpaint")
+        mask = image_input.decode_image(v.values["mask"], v.label("mask"), self.limits.max_input_pixels)
+        if mask.size != start.size:
+            raise InvalidInput(f"{v.label('mask')}: {mask.size[0]}x{mask.size[1]} differs from the image's size "
+                               f"{start.size[0]}x{start.size[1]}; they must match")
+        return mask
+
+    def _strength(self, v: Fields, start, mask, steps: int) -> float | None:
+        if start is None:
+            if v.has("strength"):
+                raise InvalidInput(f"{v.label('strength')}: applies to a start image; give image as well")
+            return None
+        strength = v.number("strength", 1.0 if mask is not None else 0.8, 0.0, 1.0, open_low=True)
+        # the pipelines' get_timesteps: SD3's keeps the fraction where the others truncate first
+        left = steps - int(steps - steps * strength) if self.model.family == "sd3" else int(steps * strength)
+        if left < 1:
+            raise InvalidInput(
+                f"{v.label('strength')}: {strength} of {steps} steps leaves no denoising step; raise strength "
+                f"or num_inference_steps"
+            )
+        return strength
+
+
+def _default_size(model: ModelCapabilities, limits: Limits, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The start image's size, else the model's own; shrunk (keeping its aspect) when the server's
+    limits are tighter, and rounded down to the model's size multiple."""
+    width, height = image_size or (model.default_width, model.default_height)
     scale = min(1.0, limits.max_side / max(width, height), math.sqrt(limits.max_pixels / (width * height)))
     m = model.size_multiple
     return max(m, int(width * scale) // m * m), max(m, int(height * scale) // m * m)

@@ -14,6 +14,7 @@ from ..model_store import LoadedModel
 from ..request import GenerationRequest, RefinerMode
 from .admission import Job
 from .families import BY_FAMILY, Phase, SDXLRefinerPhase
+from .image_start import begin_from_image, encode_start
 from .state import ImageState, Rows
 
 
@@ -29,7 +30,9 @@ class ModelBackend:
         self.pad_rows = pad_rows  # the denoiser is compiled
         self.pad_decode = pad_decode  # the VAE decoder is compiled
         caps = model.capabilities
-        self.base: Phase = BY_FAMILY[caps.family](model.base, model.scheduler_config, caps.scheduler_family)
+        # An SDXL refiner served alone is the only phase: image-to-image from the request's image.
+        base_phase = SDXLRefinerPhase if caps.needs_image else BY_FAMILY[caps.family]
+        self.base: Phase = base_phase(model.base, model.scheduler_config, caps.scheduler_family)
         self.refiner = (SDXLRefinerPhase(model.refiner, model.refiner_scheduler_config)
                         if model.refiner is not None else None)
         self._order = itertools.count()
@@ -60,12 +63,17 @@ class ModelBackend:
         for job in jobs:
             request, phases = job.request, self.phases(job.request)
             job.images = [None] * request.num_images
+            dtype = rows[id(job), self.base.name].cond["encoder_hidden_states"].dtype
+            start = encode_start(self.base, request, dtype) if request.image is not None else None
             for index, seed in enumerate(request.seeds):
                 # A CPU generator: the same seed gives the same noise on any device.
                 generator = torch.Generator("cpu").manual_seed(seed)
                 schedules = [p.plan(request, seed, generator, rows[id(job), p.name]) for p in phases]
                 image = ImageState(job, index, seed, generator, schedules, sum(len(s.times) for s in schedules),
                                    next(self._order))
-                image.latents = self.base.begin(image, None)
+                if start is None:
+                    image.latents = self.base.begin(image, None)
+                else:
+                    image.latents = begin_from_image(self.base, image, start, dtype)
                 images.append(image)
         return images

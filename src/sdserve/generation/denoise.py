@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .image_start import denoiser_input, keep_unmasked
 from .policy import padded
 from .state import ImageState
 
@@ -29,7 +30,7 @@ class Denoise:
         inputs, times = [], []
         for image in images:
             s = image.schedule
-            x = phase.scale(s, image.latents, s.timesteps[image.step])
+            x = denoiser_input(image, phase.scale(s, image.latents, s.timesteps[image.step]))
             inputs += [x] * image.rows
             times += [s.times[image.step]] * image.rows
         rows = len(inputs)
@@ -59,6 +60,7 @@ class Denoise:
             image.denoised = getattr(result, "pred_original_sample", None)
             image.step += 1
             image.steps_done += 1
+            keep_unmasked(image)
         return failures
 
     def _cond(self, images: list[ImageState], size: int) -> dict[str, torch.Tensor]:

@@ -40,6 +40,18 @@ class Schedule:
 
 
 @dataclass(eq=False)
+class Inpaint:
+    """An inpainting image's mask (latent size, 1 = repaint) and what keeps the rest: the
+    original's latents and noise (4-channel denoiser), or the masked image's latents (inpainting
+    denoiser)."""
+
+    mask: torch.Tensor
+    image_latents: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+    masked_latents: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
 class ImageState:
     """One image in flight: its schedules (current first), latents, generator and progress."""
 
@@ -55,6 +67,7 @@ class ImageState:
     step: int = 0  # denoiser calls done in the current phase
     steps_done: int = 0  # denoiser calls done in all phases
     waited: int = 0  # calls of its group that left it out since it last stepped
+    inpaint: Inpaint | None = None
 
     @property
     def schedule(self) -> Schedule:

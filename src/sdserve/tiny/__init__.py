@@ -24,7 +24,7 @@ from .tokenizers import clip_tokenizer, save_pipeline, t5_tokenizer, write_clip_
 __all__ = ["KINDS", "build_sd", "build_sd3", "build_sdxl", "clip_tokenizer", "save_pipeline", "write_clip_tokenizer_files",
            "write_lora", "write_single_file", "write_tiny_model"]
 
-KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd-single-file")
+KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd-single-file", "sd-inpaint", "sdxl-inpaint", "refiner-only")
 
 _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "beta_start": 0.00085,
@@ -71,9 +71,10 @@ def _vae():
     )
 
 
-def _unet(cross_attention_dim: int, time_ids: int | None, text_embed_dim: int = 32):
+def _unet(cross_attention_dim: int, time_ids: int | None, text_embed_dim: int = 32, in_channels: int = 4):
     """A three-level UNet with attention only at the lowest level (cheap at 1024x1024); with
-    ``time_ids`` it takes SDXL's added text/time conditioning."""
+    ``time_ids`` it takes SDXL's added text/time conditioning; ``in_channels`` 9 makes an
+    inpainting UNet (latents, mask, masked-image latents)."""
     from diffusers import UNet2DConditionModel
 
     extra = {}
@@ -87,7 +88,7 @@ def _unet(cross_attention_dim: int, time_ids: int | None, text_embed_dim: int = 
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
         sample_size=32,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -99,21 +100,23 @@ def _unet(cross_attention_dim: int, time_ids: int | None, text_embed_dim: int = 
     )
 
 
-def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0):
-    """(base, refiner or None): a tiny SDXL base and optionally its refiner sharing text_encoder_2/vae."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0, inpaint: bool = False):
+    """(base, refiner or None): a tiny SDXL base and optionally its refiner sharing text_encoder_2/vae;
+    ``inpaint`` makes the base a StableDiffusionXLInpaintPipeline with a 9-channel UNet."""
+    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
+                           StableDiffusionXLPipeline)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(scratch / "tok1", "<|endoftext|>")
     tokenizer_2 = clip_tokenizer(scratch / "tok2", "!")
-    base = StableDiffusionXLPipeline(
+    base = (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline)(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, projection=False)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, projection=True)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=_unet(cross_attention_dim=64, time_ids=6),
+        unet=_unet(cross_attention_dim=64, time_ids=6, in_channels=9 if inpaint else 4),
         scheduler=EulerDiscreteScheduler(**_SCHEDULER),
         force_zeros_for_empty_prompt=True,
     )
@@ -134,18 +137,19 @@ def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0):
     return base, refiner
 
 
-def build_sd(scratch: Path, seed: int = 0):
-    """A tiny SD 2.x-style StableDiffusionPipeline (one text encoder, no added conditioning)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def build_sd(scratch: Path, seed: int = 0, inpaint: bool = False):
+    """A tiny SD 2.x-style StableDiffusionPipeline (one text encoder, no added conditioning), or
+    with ``inpaint`` a StableDiffusionInpaintPipeline with a 9-channel UNet."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(scratch / "tok", "<|endoftext|>")
-    return StableDiffusionPipeline(
+    return (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, projection=False)),
         tokenizer=tokenizer,
-        unet=_unet(cross_attention_dim=32, time_ids=None),
+        unet=_unet(cross_attention_dim=32, time_ids=None, in_channels=9 if inpaint else 4),
         scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -216,7 +220,18 @@ def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     dest = Path(dest)
     with tempfile.TemporaryDirectory() as scratch:
-        if kind in ("sd", "sd-single-file"):
+        if kind == "sd-inpaint":
+            base = build_sd(Path(scratch), seed, inpaint=True)
+            save_pipeline(base, dest)
+        elif kind == "sdxl-inpaint":
+            base, _ = build_sdxl(Path(scratch), seed=seed, inpaint=True)
+            save_pipeline(base, dest)
+        elif kind == "refiner-only":  # an SDXL refiner alone: an image-to-image model
+            if loras:
+                raise ValueError("LoRA adapters are for a base model; the refiner-only kind takes none")
+            _, refiner = build_sdxl(Path(scratch), with_refiner=True, seed=seed)
+            save_pipeline(refiner, dest)
+        elif kind in ("sd", "sd-single-file"):
             base = build_sd(Path(scratch), seed)
             write_single_file(base, dest) if kind == "sd-single-file" else save_pipeline(base, dest)
         elif kind == "sd3":

@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...request import GenerationRequest
 from ...schedulers import build_scheduler
+from ..image_start import mask_processor
 from ..state import ImageState, Rows, Schedule
 
 
@@ -49,7 +50,10 @@ class Phase:
         self.denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
         self.device = pipeline._execution_device  # the GPU even when offloading
         self.time_cond_dim = getattr(self.denoiser.config, "time_cond_proj_dim", None)
-        self.latent_channels = self.denoiser.config.in_channels
+        self.latent_channels = pipeline.vae.config.latent_channels
+        # An inpainting denoiser also reads the mask (1 channel) and the masked image's latents.
+        self.mask_channels = self.denoiser.config.in_channels != self.latent_channels
+        self.masks = mask_processor(self)
 
     # -- per request -----------------------------------------------------------------------
     def guided(self, request: GenerationRequest) -> bool:
@@ -86,9 +90,34 @@ class Phase:
         """A fresh scheduler with this image's timesteps (set up as the pipeline's call does)."""
         raise NotImplementedError
 
+    def first_step(self, steps: int, strength: float) -> int:
+        """The img2img pipelines' get_timesteps: the step a start image is noised to."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def from_strength(self, scheduler, request: GenerationRequest) -> torch.Tensor:
+        """The timesteps left to an image-input request, the scheduler set to start there."""
+        start = self.first_step(request.num_inference_steps, request.strength) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return scheduler.timesteps[start:]
+
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         """The latents this phase starts from: new noise, or the previous phase's latents."""
         raise NotImplementedError
+
+    def init_noise_sigma(self, scheduler) -> float:
+        return scheduler.init_noise_sigma
+
+    def add_noise(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scheduler.add_noise(latents, noise, t)
+
+    def encode_pixels(self, pixels: torch.Tensor, dtype: torch.dtype):
+        """The VAE's latent distribution of preprocessed pixels (-1..1)."""
+        return self.pipe.vae.encode(pixels.to(self.device, dtype)).latent_dist
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """A VAE sample in the denoiser's latent space."""
+        return self.pipe.vae.config.scaling_factor * latents
 
     def noise(self, image: ImageState, dtype: torch.dtype) -> torch.Tensor:
         request = image.job.request

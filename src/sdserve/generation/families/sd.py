@@ -26,7 +26,8 @@ class StableDiffusionPhase(Phase):
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         scheduler = self.new_scheduler(request, image_seed)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
-        return self.schedule(scheduler, scheduler.timesteps, rows, generator)
+        timesteps = scheduler.timesteps if request.image is None else self.from_strength(scheduler, request)
+        return self.schedule(scheduler, timesteps, rows, generator)
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype

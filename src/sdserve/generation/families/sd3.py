@@ -47,7 +47,21 @@ class StableDiffusion3Phase(Phase):
                                            config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                            config.get("max_shift", 1.16))
         scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
-        return self.schedule(scheduler, scheduler.timesteps, rows, generator)
+        timesteps = scheduler.timesteps if request.image is None else self.from_strength(scheduler, request)
+        return self.schedule(scheduler, timesteps, rows, generator)
+
+    def first_step(self, steps: int, strength: float) -> int:
+        return int(max(steps - min(steps * strength, steps), 0))  # SD3's get_timesteps keeps the fraction
+
+    def init_noise_sigma(self, scheduler) -> float:
+        return 1.0  # flow matching starts from unscaled noise
+
+    def add_noise(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_noise(latents, t, noise)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         return self.noise(image, image.schedule.rows.cond["encoder_hidden_states"].dtype)

@@ -19,6 +19,53 @@ from .common import Phase, negatives
 
 
 class _SDXLPhase(Phase):
+    def __init__(self, pipeline, scheduler_config, scheduler_family: str = "diffusion"):
+        super().__init__(pipeline, scheduler_config, scheduler_family)
+        # The img2img and inpaint pipelines' time ids take aesthetic scores (read only by a refiner,
+        # whose config says requires_aesthetics_score); the text-to-image pipeline's do not.
+        defaults = inspect.signature(type(pipeline).__call__).parameters
+        self.aesthetic = ((defaults["aesthetic_score"].default, defaults["negative_aesthetic_score"].default)
+                          if "aesthetic_score" in defaults else None)
+
+    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
+        embeds, negative, pooled, negative_pooled, projection = self._embeddings(requests, guided)
+        rows = []
+        for i, r in enumerate(requests):
+            size = (r.height, r.width)
+            original, crops, target = r.original_size or size, r.crops_coords_top_left or (0, 0), r.target_size or size
+            if self.aesthetic is None:
+                time_ids = negative_time_ids = self.pipe._get_add_time_ids(
+                    original, crops, target, dtype=embeds.dtype, text_encoder_projection_dim=projection)
+            else:
+                time_ids, negative_time_ids = self.pipe._get_add_time_ids(
+                    original, crops, target, *self.aesthetic, original, (0, 0), target,
+                    dtype=embeds.dtype, text_encoder_projection_dim=projection,
+                )
+            rows.append(self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids, guided))
+        return rows
+
+    def encode_pixels(self, pixels: torch.Tensor, dtype: torch.dtype):
+        """As the pipelines encode: a VAE that needs it runs in float32 for the call."""
+        vae = self.pipe.vae
+        pixels = pixels.to(self.device, dtype)
+        if not vae.config.force_upcast:
+            return vae.encode(pixels).latent_dist
+        own = vae.dtype
+        vae.to(dtype=torch.float32)
+        try:
+            return vae.encode(pixels.float()).latent_dist
+        finally:
+            vae.to(dtype=own)
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return vae.config.scaling_factor * latents
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        return (latents - mean) * vae.config.scaling_factor / std
+
     def _embeddings(self, requests: list[GenerationRequest], guided: bool):
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=[r.prompt for r in requests],
@@ -74,29 +121,20 @@ class _SDXLPhase(Phase):
 
 
 class SDXLBasePhase(_SDXLPhase):
-    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
-        embeds, negative, pooled, negative_pooled, projection = self._embeddings(requests, guided)
-        rows = []
-        for i, r in enumerate(requests):
-            size = (r.height, r.width)
-            time_ids = self.pipe._get_add_time_ids(
-                r.original_size or size, r.crops_coords_top_left or (0, 0), r.target_size or size,
-                dtype=embeds.dtype, text_encoder_projection_dim=projection,
-            )
-            rows.append(self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, time_ids, guided))
-        return rows
-
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         scheduler = self.new_scheduler(request, image_seed)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
-        timesteps = scheduler.timesteps
+        if request.image is not None:
+            timesteps = self.from_strength(scheduler, request)
+        else:
+            timesteps = scheduler.timesteps
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
         if request.refiner is RefinerMode.ENSEMBLE:
             # denoising_end: stop at the first timestep below the cut-off
             total = scheduler.config.num_train_timesteps
             cutoff = int(round(total - request.high_noise_frac * total))
             timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
         return self.schedule(scheduler, timesteps, rows, generator)
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
@@ -107,26 +145,6 @@ class SDXLBasePhase(_SDXLPhase):
 class SDXLRefinerPhase(_SDXLPhase):
     name = "refiner"
     uses_adapters = False
-
-    def __init__(self, pipeline, scheduler_config):
-        super().__init__(pipeline, scheduler_config)
-        defaults = inspect.signature(type(pipeline).__call__).parameters
-        self.aesthetic_score = defaults["aesthetic_score"].default
-        self.negative_aesthetic_score = defaults["negative_aesthetic_score"].default
-
-    def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
-        embeds, negative, pooled, negative_pooled, projection = self._embeddings(requests, guided)
-        rows = []
-        for i, r in enumerate(requests):
-            size = (r.height, r.width)
-            original, target = r.original_size or size, r.target_size or size
-            time_ids, negative_time_ids = self.pipe._get_add_time_ids(
-                original, r.crops_coords_top_left or (0, 0), target, self.aesthetic_score,
-                self.negative_aesthetic_score, original, (0, 0), target,
-                dtype=embeds.dtype, text_encoder_projection_dim=projection,
-            )
-            rows.append(self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids, guided))
-        return rows
 
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         """The img2img pipeline's get_timesteps: from ``denoising_start`` (ensemble) or ``strength``."""
@@ -140,8 +158,9 @@ class SDXLRefinerPhase(_SDXLPhase):
             if scheduler.order == 2 and count % 2 == 0:
                 count += 1  # end after a second-order step's second half, as diffusers does
             start = len(scheduler.timesteps) - count
-        else:
-            start = max(steps - min(int(steps * request.refiner_strength), steps), 0) * scheduler.order
+        else:  # refine mode re-runs the base's tail; a refiner served alone starts from the request's image
+            strength = request.refiner_strength if request.refiner is RefinerMode.REFINE else request.strength
+            start = self.first_step(steps, strength) * scheduler.order
         timesteps = scheduler.timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
