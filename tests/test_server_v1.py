@@ -140,5 +140,5 @@ def test_model_listing_and_readiness(sdxl_server):
     assert httpx.get(f"{sdxl_server.url}/v1/models").json() == {"models": ["sdxl"]}
     model = httpx.get(f"{sdxl_server.url}/v1/models/sdxl").json()
     assert model == {"name": "sdxl", "ready": True, "pipeline": "StableDiffusionXLPipeline", "refiner": True,
-                     "default_size": [256, 256], "adapters": []}
+                     "default_size": [256, 256], "adapters": [], "inputs": ["text", "image", "mask"]}
     assert httpx.get(f"{sdxl_server.url}/v1/models/other").status_code == 404

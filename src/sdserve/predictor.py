@@ -195,6 +195,9 @@ class SDModel(kserve.Model):
             "refiner": caps.has_refiner,
             "default_size": [caps.default_width, caps.default_height],
             "adapters": self.adapters.names() if self.adapters else [],
+            # what a request may start from: text, an image (img2img), an image and a mask (inpaint)
+            "inputs": ["image"] if caps.needs_image else ["image", "mask"] if caps.needs_mask else
+            ["text", "image", "mask"],
         }
 
     def get_input_types(self) -> list[dict]:

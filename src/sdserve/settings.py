@@ -16,6 +16,8 @@ from .request import Limits
 
 # Several 1024x1024 images (PNG ~1.5 MB, raw tensor 3 MB each) exceed gRPC's 8 MiB default.
 GRPC_MESSAGE_BYTES = 256 * 1024 * 1024
+# A 2048x2048 RGB PNG that does not compress is 12.6 MB, 16.8 MB in base64; with its mask, under 32 MiB.
+MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Limits()
     limits.add_argument("--max_side", type=int, default=defaults.max_side, help="largest width or height")
     limits.add_argument("--max_pixels", type=int, default=defaults.max_pixels, help="largest width x height")
+    limits.add_argument("--max_input_pixels", type=int, default=defaults.max_input_pixels,
+                        help="largest start image or mask a request may send, in pixels (read from the file header "
+                        "before decoding)")
     limits.add_argument("--max_steps", type=int, default=defaults.max_steps, help="largest num_inference_steps")
     limits.add_argument("--max_images", type=int, default=defaults.max_images, help="most images in one request")
     limits.add_argument("--max_prompt_length", type=int, default=defaults.max_prompt_length,
@@ -103,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     robustness.add_argument("--stuck_after", type=float, default=policy.stuck_after_s,
                             help="one denoising step (or decode) running longer than this marks the server not ready "
                             "and not live, so Kubernetes restarts it")
-    robustness.add_argument("--max_body_bytes", type=int, default=1024 * 1024, help="largest request body (413 above)")
+    robustness.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                            help="largest request body (413 above); the default fits a 2048x2048 PNG and its mask in base64")
     robustness.add_argument("--api_key", default=os.environ.get("SDSERVE_API_KEY"),
                             help="require 'Authorization: Bearer <key>' on generation requests "
                             "(default: $SDSERVE_API_KEY; health and metrics stay open)")
