@@ -39,6 +39,9 @@ def test_img2img_and_inpaint_over_v1(sdxl_server):
     inpaint = predict_one(sdxl_server, {"prompt": "a fox", "image": IMAGE, "mask": MASK, **FAST})
     assert inpaint["parameters"]["mode"] == "inpaint" and inpaint["parameters"]["strength"] == 1.0
     assert inpaint["parameters"]["refiner"] == "none"  # inpainting runs on the base model
+    metrics = httpx.get(f"{sdxl_server.url}/metrics").text
+    assert 'sdserve_images_from_image_total{mode="img2img"}' in metrics
+    assert 'sdserve_images_from_image_total{mode="inpaint"}' in metrics
 
 
 def test_cog_and_automatic1111_shapes(sdxl_server):

@@ -16,6 +16,8 @@ ROWS_PER_CALL = Histogram(
 DENOISER_CALLS = Counter("sdserve_denoiser_calls", "Denoiser calls (one step of every image in them)", ["phase"])
 ACTIVE_IMAGES = Gauge("sdserve_active_images", "Images admitted to the step loop and not yet finished")
 IMAGES = Counter("sdserve_images_generated", "Images generated")
+IMAGE_INPUT_IMAGES = Counter("sdserve_images_from_image", "Images generated from a request's start image, by mode",
+                             ["mode"])  # img2img | inpaint
 GENERATION_SECONDS = Histogram(
     "sdserve_generation_seconds", "Time from a request's admission to its last image decoded", buckets=_SECONDS
 )

@@ -177,6 +177,8 @@ class StepLoop:
     def _complete(self, job: Job) -> None:
         now = time.monotonic()
         metrics.IMAGES.inc(len(job.images))
+        if job.request.image is not None:
+            metrics.IMAGE_INPUT_IMAGES.labels(mode=job.request.describe()["mode"]).inc(len(job.images))
         metrics.GENERATION_SECONDS.observe(now - job.admitted_at)
         job.future.set_result(GenerationResult(
             images=job.images, seeds=job.request.seeds, queue_seconds=job.admitted_at - job.enqueued_at,
