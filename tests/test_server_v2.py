@@ -93,7 +93,7 @@ def test_tritonclient_http_with_the_triton_tutorial_shapes(sdxl_server):
     Image.fromarray(np.squeeze(image))  # what the tutorial client does next
     assert client.is_model_ready("sdxl")
     metadata = client.get_model_metadata("sdxl")
-    assert [i["name"] for i in metadata["inputs"]] == ["prompt", "negative_prompt"]
+    assert [i["name"] for i in metadata["inputs"]] == ["prompt", "negative_prompt", "image", "mask"]
     assert [o["name"] for o in metadata["outputs"]] == ["image", "seed"]
 
 
@@ -102,7 +102,7 @@ BAD_V2 = [
     ({"inputs": [{"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]},
                  {"name": "b", "shape": [1], "datatype": "BYTES", "data": ["y"]}]}, "inputs: expected a BYTES input 'prompt'"),
     ({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
-      "parameters": {"steps": 4}}, "steps: unknown field"),
+      "parameters": {"stepz": 4}}, "stepz: unknown field"),
     ({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]}],
       "parameters": {"num_inference_steps": 0}}, "num_inference_steps: must be an integer from 1 to 100"),
     ({"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["x"]}],

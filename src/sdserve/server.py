@@ -90,6 +90,7 @@ def serve(config: ServerConfig) -> None:
     from kserve import model_server
 
     from . import routes
+    from .protocol import v2
     from .predictor import SDModel
 
     args = config.args
@@ -106,6 +107,7 @@ def serve(config: ServerConfig) -> None:
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_middleware(RequestGuard, max_body_bytes=args.max_body_bytes, retry_after_s=args.retry_after)
     routes.register(app, model)
+    v2.install_binary_decoder()
     drain_on_sigterm(app, model, args.grace_period)
     server = kserve.ModelServer(
         http_port=args.http_port,

@@ -1,10 +1,14 @@
 """Open Inference Protocol v2 (REST ``/v2/models/<name>/infer`` and KServe's gRPC service).
 
 Inputs: BYTES ``prompt`` of shape [N] (a lone BYTES input of any name, e.g. ``input0``, is the
-prompt) and optional BYTES ``negative_prompt`` ([1] or [N]). Generation parameters come from the
-request's ``parameters``. Outputs: ``image`` (BYTES: base64 PNG in JSON, raw bytes over gRPC or
-when binary output is asked for) and ``seed`` (INT64); with ``"output_format": "tensor"`` the
-image output is instead one UINT8 tensor [N, H, W, 3].
+prompt) and optional BYTES ``negative_prompt``, ``image`` and ``mask``, each [1] (for every prompt)
+or [N]; images are encoded files (base64 in JSON, raw bytes in binary data and gRPC); see
+v2_inputs.py. Generation parameters come from the request's ``parameters``; ``image`` and ``mask``
+are refused there.
+
+Outputs: ``image`` (BYTES: base64 PNG in JSON, raw bytes over gRPC or when binary output is asked
+for) and ``seed`` (INT64); with ``"output_format": "tensor"`` the image output is instead one UINT8
+tensor [N, H, W, 3].
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 
+from ..fields import ALIASES
 from ..imaging import b64, encode_image
 from ..request import GenerationRequest, GenerationResult
 from ..validation import RequestParser
+from .v2_inputs import IMAGE, MASK, NEGATIVE_PROMPT, PROMPT, decode_binary_request, read_inputs
 
-PROMPT = "prompt"
-NEGATIVE_PROMPT = "negative_prompt"
 OUTPUT_FORMATS = ("image", "tensor")
 OUTPUTS = ("image", "seed")
 # Triton's Stable Diffusion tutorial asks for its image tensor under this name.
@@ -33,11 +37,21 @@ TENSOR_OUTPUT_ALIAS = "generated_image"
 INPUT_METADATA = [
     {"name": PROMPT, "datatype": "BYTES", "shape": [-1]},
     {"name": NEGATIVE_PROMPT, "datatype": "BYTES", "shape": [-1]},
+    {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
+    {"name": MASK, "datatype": "BYTES", "shape": [-1]},
 ]
 OUTPUT_METADATA = [
     {"name": "image", "datatype": "BYTES", "shape": [-1]},
     {"name": "seed", "datatype": "INT64", "shape": [-1]},
 ]
+
+
+def install_binary_decoder() -> None:
+    """Make KServe's v2 REST route read binary-data bodies with :func:`decode_binary_request`:
+    its own decoder turns image bytes into a 500. KServe's route calls the class method by name,
+    so replacing it is the one way in short of re-implementing the route."""
+    InferRequest.from_bytes = classmethod(lambda cls, body, json_length, model_name:
+                                          decode_binary_request(body, json_length, model_name))
 
 
 @dataclass
@@ -81,63 +95,6 @@ def plain_parameters(parameters: Any) -> dict[str, Any]:
     }
 
 
-def _strings(inp: Any) -> list[str]:
-    """Decode a BYTES input (JSON list, gRPC bytes_contents or raw binary) to strings."""
-    if inp.datatype != "BYTES":
-        raise InvalidInput(f"input {inp.name}: datatype must be BYTES, got {inp.datatype}")
-    try:
-        values = inp.as_numpy().ravel().tolist() if inp._raw_data is not None else _flatten(inp.data)
-    except Exception as exc:  # noqa: BLE001 - malformed tensors are the client's error
-        raise InvalidInput(f"input {inp.name}: data does not match its shape {inp.shape}: {exc}") from None
-    out = []
-    for value in values:
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput(f"input {inp.name}: prompts must be UTF-8 text") from None
-        if not isinstance(value, str):
-            raise InvalidInput(f"input {inp.name}: expected strings, got {type(value).__name__}")
-        out.append(value)
-    if not out:
-        raise InvalidInput(f"input {inp.name}: no prompt given (empty tensor)")
-    return out
-
-
-def _flatten(data: Any) -> list:
-    if isinstance(data, (list, tuple)):
-        return [x for item in data for x in _flatten(item)]
-    return [data]
-
-
-def _text_inputs(inputs: list) -> tuple[list[str], list[str] | None]:
-    by_name = {inp.name: inp for inp in inputs}
-    if len(by_name) != len(inputs):
-        raise InvalidInput("inputs: each input name may appear once")
-    negative = by_name.pop(NEGATIVE_PROMPT, None)
-    if PROMPT in by_name:
-        prompt = by_name.pop(PROMPT)
-    elif len(by_name) == 1 and next(iter(by_name.values())).datatype == "BYTES":
-        _, prompt = by_name.popitem()  # e.g. TorchServe's "input0"
-    else:
-        prompt = None
-    if prompt is None or by_name:
-        got = ", ".join(f"{i.name} ({i.datatype})" for i in inputs) or "none"
-        raise InvalidInput(
-            f"inputs: expected a BYTES input '{PROMPT}' (or a single BYTES input of any name) and an "
-            f"optional BYTES '{NEGATIVE_PROMPT}'; got {got}"
-        )
-    prompts = _strings(prompt)
-    negatives = _strings(negative) if negative is not None else None
-    if negatives is not None and len(negatives) not in (1, len(prompts)):
-        raise InvalidInput(
-            f"input {NEGATIVE_PROMPT}: has {len(negatives)} entries; give 1 or one per prompt ({len(prompts)})"
-        )
-    if negatives is not None and len(negatives) == 1:
-        negatives = negatives * len(prompts)
-    return prompts, negatives
-
-
 def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V2Call:
     params = plain_parameters(request.parameters)
     output_format = params.pop("output_format", "image")
@@ -159,13 +116,20 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
             requested.append(RequestedOutput(out.name, {**(out.parameters or {}), "binary_data": bool(binary)}))
     if NEGATIVE_PROMPT in params and any(i.name == NEGATIVE_PROMPT for i in request.inputs):
         raise InvalidInput(f"{NEGATIVE_PROMPT}: given both as an input and as a parameter")
+    for key in params:
+        if ALIASES.get(key, key) in (IMAGE, MASK):
+            raise InvalidInput(
+                f"{key}: send images as a BYTES input named '{ALIASES.get(key, key)}' (base64 text in JSON, "
+                f"raw bytes in binary data or gRPC), not as a parameter"
+            )
     parser.check_fields(params)
-    prompts, negatives = _text_inputs(request.inputs)
+    given = read_inputs(request.inputs, parser.limits.max_input_pixels)
     requests = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(given.prompts):
         values = {**params, PROMPT: prompt}
-        if negatives is not None:
-            values[NEGATIVE_PROMPT] = negatives[i]
+        for name, per_prompt in ((NEGATIVE_PROMPT, given.negatives), (IMAGE, given.images), (MASK, given.masks)):
+            if per_prompt is not None:
+                values[name] = per_prompt[i]
         requests.append(parser.parse(values))
     parser.check_total_images(requests, PROMPT)
     image_binary = request.from_grpc or (
