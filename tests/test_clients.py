@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_image, make_mask
 from sdserve.imaging import read_metadata
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -189,8 +190,16 @@ def readme_blocks(language: str, must_contain: str) -> list[str]:
     return [b for b in blocks if must_contain in b]
 
 
+def example_inputs(folder) -> None:
+    """The files the README's image-input examples read."""
+    make_image(128, 128).save(folder / "in.png")
+    make_image(128, 128, seed=1).save(folder / "photo.png")
+    make_mask(128, 128).save(folder / "mask.png")
+
+
 def test_readme_curl_commands_work_as_written(sdxl_server, tmp_path):
     blocks = readme_blocks("bash", "curl -s localhost:8080")
+    example_inputs(tmp_path)
     assert len(blocks) >= 3
     for block in blocks:
         command = block.replace("localhost:8080", sdxl_server.url.removeprefix("http://"))
@@ -204,6 +213,7 @@ def test_readme_curl_commands_work_as_written(sdxl_server, tmp_path):
 def test_readme_python_examples_work_as_written(sdxl_server, tmp_path):
     blocks = readme_blocks("python", "localhost:808")
     assert any("OpenAI(" in b for b in blocks) and any("tritonclient" in b for b in blocks)
+    example_inputs(tmp_path)
     for block in blocks:
         script = tmp_path / "example.py"
         script.write_text(block.replace("localhost:8080", sdxl_server.url.removeprefix("http://"))

@@ -1,5 +1,6 @@
-"""Routes sdserve adds to KServe's FastAPI app: the OpenAI Images API, the playground page, health
-checks that know about draining and a stuck worker, and model information that lists adapters.
+"""Routes sdserve adds to KServe's FastAPI app: the OpenAI Images API (generations and edits), the
+playground page, health checks that know about draining and a stuck worker, and model information
+that lists adapters.
 
 Registered before KServe's own routes, so where both have a path (the health checks, the v1 model
 status and the v2 model metadata) these are the ones that answer.
@@ -14,26 +15,28 @@ from importlib import resources
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from kserve.errors import InvalidInput
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from .errors import ServingError
 from .predictor import SDModel
-from .protocol.openai_images import ModelNotServed, error_body
+from .protocol.openai_images import EditForm, ModelNotServed, error_body
 
 OPENAI_PREFIX = "/openai/v1"
 _STARTED = int(time.time())
+_MAX_PART_BYTES = 1 << 30  # per form part; the whole body is bounded by --max_body_bytes first
 
 
 def register(app: FastAPI, model: SDModel) -> None:
     router = APIRouter()
 
-    @router.post(f"{OPENAI_PREFIX}/images/generations")
-    async def images_generations(request: Request) -> JSONResponse:
+    async def openai_answer(request: Request, read_body) -> JSONResponse:
+        """Run one OpenAI images request; ``read_body`` gives the body, or an error message."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"x-request-id": request_id}
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            return JSONResponse(error_body(f"request body is not valid JSON: {exc}", "invalid_request_error"), 400, headers)
+        body, problem = await read_body(request)
+        if problem is not None:
+            return JSONResponse(error_body(problem, "invalid_request_error"), 400, headers)
         try:
             response = await model.generate_openai(body, dict(request.headers), request_id)
         except InvalidInput as exc:
@@ -43,6 +46,14 @@ def register(app: FastAPI, model: SDModel) -> None:
         except ServingError as exc:
             return JSONResponse(error_body(str(exc), "server_error"), exc.http_status, {**headers, **exc.headers()})
         return JSONResponse(response, headers=headers)
+
+    @router.post(f"{OPENAI_PREFIX}/images/generations")
+    async def images_generations(request: Request) -> JSONResponse:
+        return await openai_answer(request, _json_body)
+
+    @router.post(f"{OPENAI_PREFIX}/images/edits")
+    async def images_edits(request: Request) -> JSONResponse:
+        return await openai_answer(request, _edit_form)
 
     @router.get("/v2/health/ready")
     async def ready() -> JSONResponse:
@@ -86,3 +97,29 @@ def register(app: FastAPI, model: SDModel) -> None:
         return HTMLResponse(page.replace("{{MODEL_NAME}}", model.name))
 
     app.include_router(router)
+
+
+async def _json_body(request: Request) -> tuple[object, str | None]:
+    try:
+        return await request.json(), None
+    except ValueError as exc:
+        return None, f"request body is not valid JSON: {exc}"
+
+
+async def _edit_form(request: Request) -> tuple[EditForm | None, str | None]:
+    """The multipart parts, files read into memory (RequestGuard has already bounded the body)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "multipart/form-data":
+        return None, (f"request body must be multipart/form-data with an image file and a prompt (as the openai "
+                      f"SDK and curl -F send it), got {content_type or 'no content-type'!r}")
+    try:
+        # starlette's 1 MiB default for a text part would refuse an image sent as base64 text
+        form = await request.form(max_part_size=_MAX_PART_BYTES)
+    except HTTPException as exc:
+        return None, f"multipart body does not parse: {exc.detail}"
+    try:
+        items = [(key, await value.read() if isinstance(value, UploadFile) else value)
+                 for key, value in form.multi_items()]
+    finally:
+        await form.close()
+    return EditForm(items), None

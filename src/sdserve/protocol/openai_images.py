@@ -1,20 +1,28 @@
-"""OpenAI Images API (``POST /openai/v1/images/generations``), so the ``openai`` SDK works.
+"""OpenAI Images API: ``POST /openai/v1/images/generations`` (JSON) and ``/images/edits``
+(multipart), so the ``openai`` SDK works.
 
 OpenAI's fields map onto sdserve's: ``n`` -> num_images, ``size`` "WxH" -> width/height,
 ``output_format`` -> format, ``output_compression`` -> quality (JPEG/WebP), ``quality``
 (low/medium/high/...) -> a fraction of the default steps. Every other sdserve generation parameter
-(negative_prompt, seed, num_inference_steps, guidance_scale, scheduler, refiner, ...) may be given
-in the body too (the SDK's ``extra_body``). Images come back as ``b64_json``; ``url`` is refused.
+(negative_prompt, seed, num_inference_steps, guidance_scale, scheduler, refiner, strength, ...) may
+be given too (the SDK's ``extra_body``). Images come back as ``b64_json``; ``url`` is refused.
+
+Edits follow OpenAI's mask convention (fully transparent = repaint) and convert it to sdserve's
+(white = repaint): a mask without transparent pixels is read as grayscale, and without a mask an
+image's own transparent pixels are repainted (an opaque image alone is img2img).
 """
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kserve.errors import InvalidInput
 
 from ..fields import ALIASES, FIELDS
+from ..image_input import alpha_mask, decode_image, has_transparency
 from ..imaging import b64, encode_image
 from ..request import GenerationRequest, GenerationResult
 from ..validation import RequestParser
@@ -23,20 +31,121 @@ from ..validation import RequestParser
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "auto": 1.0, "standard": 1.0, "high": 1.5, "hd": 1.5, "xhigh": 2.0, "max": 2.0}
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 IGNORED = ("user", "style", "moderation", "safety_identifier")  # accepted, no effect here
+EDIT_IGNORED = ("input_fidelity",)  # how closely to follow the input: the mask and strength say that here
 _OPENAI = {"n", "size", "output_format", "output_compression", "quality"}  # mapped below
 _HANDLED = {"model", "response_format", "stream", "partial_images", "background"}  # checked below
 # sdserve fields whose OpenAI counterpart is used instead (n, output_format, output_compression)
 SHADOWED = {"num_images", "num_images_per_prompt", "format", "output_image_format"}
+# Multipart carries only text: the SDK sends booleans as "true"/"false" (lists as repeated key[]).
+_FORM_BOOLEANS = {"stream", "refiner"}
+# name, name[], name[key] or name[][key]: how the SDK flattens lists and objects into form parts
+_FORM_KEY = re.compile(r"(?P<name>[^\[\]]+)(?:\[(?P<index>[^\[\]]*)\](?:\[(?P<key>[^\[\]]+)\])?)?")
 
 
 class ModelNotServed(Exception):
     """The body names a model this server does not serve."""
 
 
+@dataclass(frozen=True)
+class EditForm:
+    """An images/edits request: its multipart parts in order, text as str and files as bytes.
+    ``parse_openai`` takes it in place of a JSON body, so both routes share one code path."""
+
+    items: list[tuple[str, str | bytes]]
+
+
 def parse_openai(body: Any, parser: RequestParser, model_name: str) -> GenerationRequest:
+    """A generations JSON body, or an :class:`EditForm`, as a validated request."""
+    if isinstance(body, EditForm):
+        return parse_openai_edit(body.items, parser, model_name)
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object with at least 'prompt'")
     values = dict(body)
+    _check_openai(values, model_name)
+    return parser.parse(_map_openai(values, parser))
+
+
+def parse_openai_edit(items: list[tuple[str, str | bytes]], parser: RequestParser, model_name: str) -> GenerationRequest:
+    """A multipart images/edits body: ``image`` (or ``image[]``, the first is used), an optional
+    ``mask`` and the generations fields."""
+    values = form_values(items)
+    image_value = values.pop("image", None)
+    mask_value = values.pop("mask", None)
+    _check_openai(values, model_name, extra=EDIT_IGNORED)
+    if isinstance(image_value, list):
+        image_value = image_value[0]
+    if image_value is None or image_value in ("", b""):
+        raise InvalidInput("image: required: the image to edit, a PNG, JPEG or WebP file (image=@in.png)")
+    max_pixels = parser.limits.max_input_pixels
+    image = decode_image(image_value, "image", max_pixels)
+    if mask_value is not None:
+        if isinstance(mask_value, list):
+            raise InvalidInput(f"mask: give one mask, got {len(mask_value)}")
+        mask = decode_image(mask_value, "mask", max_pixels)
+        # a mask with nothing transparent (no alpha channel, or all opaque) is read as grayscale
+        mask = alpha_mask(mask) if has_transparency(mask) else mask.convert("L")
+    elif has_transparency(image):
+        if parser.model.needs_image:  # else the parser would blame a mask the client never sent
+            raise InvalidInput("image: its transparent pixels ask for inpainting, which the loaded model (an SDXL "
+                               "refiner alone) does not do; send an opaque image")
+        mask = alpha_mask(image)
+    else:
+        mask = None
+    mapped = _map_openai(values, parser)
+    mapped["image"] = image.convert("RGB")
+    if mask is not None:
+        mapped["mask"] = mask
+    return parser.parse(mapped)
+
+
+def form_values(items: list[tuple[str, str | bytes]]) -> dict[str, Any]:
+    """Form parts as JSON-like values, undoing the SDK's flattening: ``k[]`` parts make a list,
+    ``k[x]`` an object, ``k[][x]`` a list of objects; ``image`` may repeat (like ``image[]``)."""
+    values: dict[str, Any] = {}
+    shapes: dict[str, str] = {}  # name -> the form it came in, so one name comes in one form only
+    rows: dict[str, dict[str, list]] = {}  # name[][x] parts: name -> x -> values in order
+    for key, value in items:
+        match = _FORM_KEY.fullmatch(key)
+        if match is None:
+            raise InvalidInput(f"{key}: unsupported form field name; use name, name[], name[key] or name[][key]")
+        name, index, sub = match["name"], match["index"], match["key"]
+        if isinstance(value, str) and name in _FORM_BOOLEANS and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        shape = "name" if index is None else "name[]" if index == "" and sub is None else \
+            "name[][key]" if index == "" else "name[key]" if sub is None else "nested"
+        if shape == "nested":
+            raise InvalidInput(f"{key}: unsupported form field name; use name, name[], name[key] or name[][key]")
+        if shapes.setdefault(name, shape) != shape:
+            raise InvalidInput(f"{key}: {name} is also given as {shapes[name].replace('name', name)}; use one form")
+        if shape == "name" and name in values:
+            if name != "image":  # curl -F image=@a -F image=@b means a list, as image[] does
+                raise InvalidInput(f"{name}: given more than once; give it once")
+            values[name] = (values[name] if isinstance(values[name], list) else [values[name]]) + [value]
+        elif shape == "name":
+            values[name] = value
+        elif shape == "name[]":
+            values.setdefault(name, []).append(value)
+        elif shape == "name[key]":
+            if index in values.setdefault(name, {}):
+                raise InvalidInput(f"{key}: given more than once; give it once")
+            values[name][index] = value
+        else:
+            rows.setdefault(name, {}).setdefault(sub, []).append(value)
+    for name, columns in rows.items():
+        # The SDK sends all name[][a] parts, then all name[][b] parts, so the i-th of each key
+        # makes object i: unambiguous only when every object has every key.
+        if len({len(column) for column in columns.values()}) != 1:
+            raise InvalidInput(
+                f"{name}: objects with different keys do not survive form encoding; give every object the "
+                f"same keys, or send {name} as JSON text (e.g. extra_body={{'{name}': json.dumps([...])}})"
+            )
+        values[name] = [dict(zip(columns, row)) for row in zip(*columns.values())]
+    return values
+
+
+def _check_openai(values: dict[str, Any], model_name: str, extra: tuple[str, ...] = ()) -> None:
+    """Check (and remove) what is OpenAI's alone, then refuse unknown fields; ``extra`` are more
+    accepted-and-ignored fields."""
     model = values.pop("model", None)
     if model not in (None, model_name):
         raise ModelNotServed(f"model {model!r} is not served here; this server serves {model_name!r}")
@@ -48,17 +157,20 @@ def parse_openai(body: Any, parser: RequestParser, model_name: str) -> Generatio
         )
     if values.pop("stream", False):
         raise InvalidInput("stream: streaming image generation is not supported; leave stream unset or false")
-    if values.pop("partial_images", 0):
+    if values.pop("partial_images", 0) not in (0, None, "0", ""):  # (a form sends text)
         raise InvalidInput("partial_images: partial images are not supported; leave it unset or 0")
     if values.pop("background", None) == "transparent":  # (any other value is harmless here)
         raise InvalidInput("background: 'transparent' is not supported; allowed: auto, opaque")
-    for name in IGNORED:
+    for name in IGNORED + extra:
         values.pop(name, None)
     for name in values:
         if name in SHADOWED or (name not in FIELDS and name not in ALIASES and name not in _OPENAI):
-            allowed = sorted(_OPENAI | _HANDLED | set(IGNORED) | (set(FIELDS) - SHADOWED))
+            allowed = sorted(_OPENAI | _HANDLED | set(IGNORED + extra) | (set(FIELDS) - SHADOWED))
             raise InvalidInput(f"{name}: unknown field; allowed: {', '.join(allowed)}")
 
+
+def _map_openai(values: dict[str, Any], parser: RequestParser) -> dict[str, Any]:
+    """OpenAI's names and values as sdserve's; the other fields pass through."""
     mapped: dict[str, Any] = {k: v for k, v in values.items() if k not in _OPENAI}
     if "n" in values:
         mapped["num_images"] = values["n"]
@@ -77,8 +189,7 @@ def parse_openai(body: Any, parser: RequestParser, model_name: str) -> Generatio
             raise InvalidInput(f"quality: must be one of {', '.join(QUALITY_STEPS)}, got {quality!r}")
         default = min(parser.model.default_steps, parser.limits.max_steps)
         mapped["num_inference_steps"] = max(1, min(parser.limits.max_steps, round(default * QUALITY_STEPS[quality])))
-    return parser.parse(mapped)
-
+    return mapped
 
 
 def _size(size: Any) -> dict[str, Any]:
