@@ -142,3 +142,19 @@ def test_model_listing_and_readiness(sdxl_server):
     assert model == {"name": "sdxl", "ready": True, "pipeline": "StableDiffusionXLPipeline", "refiner": True,
                      "default_size": [256, 256], "adapters": [], "inputs": ["text", "image", "mask"]}
     assert httpx.get(f"{sdxl_server.url}/v1/models/other").status_code == 404
+
+
+def test_request_schema_is_served_and_in_the_openapi_document(sdxl_server):
+    import jsonschema
+
+    schema = httpx.get(f"{sdxl_server.url}/v1/models/sdxl/schema").json()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"prompt": "a fox", "num_inference_steps": 20, "image": "aGk=", "strength": 0.5})
+    assert not validator.is_valid({"prompt": "a fox", "num_inference_steps": 1000})
+    assert not validator.is_valid({"prompt": "a fox", "tiling": True})
+    assert schema["properties"]["num_inference_steps"]["maximum"] == 100  # the server's --max_steps
+    assert "Euler a" in str(schema["properties"]["scheduler"])
+    assert httpx.get(f"{sdxl_server.url}/v1/models/other/schema").status_code == 404
+    document = httpx.get(f"{sdxl_server.url}/openapi.json").json()
+    assert document["components"]["schemas"]["GenerationParameters"] == schema

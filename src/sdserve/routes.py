@@ -77,6 +77,13 @@ def register(app: FastAPI, model: SDModel) -> None:
         body = {"name": model.name, "ready": reason is None, **model.describe()}
         return JSONResponse(body if reason is None else {**body, "reason": reason}, 200 if reason is None else 503)
 
+    @router.get("/v1/models/{model_name}/schema")
+    async def request_schema(model_name: str) -> JSONResponse:
+        """The JSON Schema of one request's generation parameters, with this server's bounds."""
+        if model_name != model.name:
+            return JSONResponse({"error": f"Model with name {model_name} does not exist."}, 404)
+        return JSONResponse(model.parser.schema())
+
     @router.get("/v2/models/{model_name}")
     async def v2_model_metadata(model_name: str) -> JSONResponse:
         if model_name != model.name:
@@ -97,6 +104,21 @@ def register(app: FastAPI, model: SDModel) -> None:
         return HTMLResponse(page.replace("{{MODEL_NAME}}", model.name))
 
     app.include_router(router)
+    _document_parameters(app, model)
+
+
+def _document_parameters(app: FastAPI, model: SDModel) -> None:
+    """Put the request schema into the OpenAPI document (/openapi.json, /docs) as a component;
+    it depends on the loaded model and the server's limits, so it is added when asked for."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        document = build()
+        if model.parser is not None:
+            document.setdefault("components", {}).setdefault("schemas", {})["GenerationParameters"] = model.parser.schema()
+        return document
+
+    app.openapi = openapi
 
 
 async def _json_body(request: Request) -> tuple[object, str | None]:
