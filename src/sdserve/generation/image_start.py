@@ -54,10 +54,6 @@ def encode_start(phase: "Phase", request: GenerationRequest, dtype: torch.dtype)
     return EncodedStart(phase.encode_pixels(pixels, dtype), latent_mask.to(phase.device, dtype), masked)
 
 
-def _sample(distribution, generator: torch.Generator) -> torch.Tensor:
-    return distribution.sample(generator)
-
-
 def _skip_sample(distribution, generator: torch.Generator) -> None:
     """Advance ``generator`` exactly as sampling ``distribution`` would."""
     p = distribution.parameters
@@ -71,7 +67,7 @@ def begin_from_image(phase: "Phase", image: ImageState, start: EncodedStart, dty
     from_noise = inpaint and request.strength == 1.0  # inpainting at full strength starts from noise
     image_latents = None
     if not (from_noise and phase.mask_channels):
-        image_latents = phase.scale_latents(_sample(start.image, generator).to(dtype))
+        image_latents = phase.scale_latents(start.image.sample(generator).to(dtype))
     noise = phase.noise(image, dtype)
     if from_noise:
         latents = noise * phase.init_noise_sigma(schedule.scheduler)
@@ -79,7 +75,7 @@ def begin_from_image(phase: "Phase", image: ImageState, start: EncodedStart, dty
         latents = phase.add_noise(schedule.scheduler, image_latents, noise, schedule.timesteps[:1])
     if inpaint:
         if phase.mask_channels:
-            masked = phase.scale_latents(_sample(start.masked_image, generator).to(dtype))
+            masked = phase.scale_latents(start.masked_image.sample(generator).to(dtype))
             image.inpaint = Inpaint(start.mask, masked_latents=masked)
         else:
             _skip_sample(start.image, generator)  # the pipelines encode the masked image here
