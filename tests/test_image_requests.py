@@ -123,3 +123,19 @@ def test_an_inpainting_model_needs_image_and_mask(models, start_server):
         r = server.predict({"instances": [instance]})
         assert r.status_code == 400 and f"instances[0].{field}: required" in r.text
     server.stop()
+
+
+def test_a_rotated_phone_photo_is_read_upright(sdxl_server):
+    import io
+
+    from PIL import Image
+
+    photo = make_image(128, 64)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90° clockwise to show
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", exif=exif)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    mask = b64_image(Image.new("L", (64, 128), 255))  # drawn over the upright picture, as a browser shows it
+    out = predict_one(sdxl_server, {"prompt": "x", "image": image, "mask": mask, **FAST})
+    assert (out["parameters"]["width"], out["parameters"]["height"]) == (64, 128)

@@ -1,9 +1,17 @@
 """The playground page in a real headless Chromium (Debian's), driven by Playwright."""
 
 import base64
+import io
+import json
 import shutil
+import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from conftest import encode, make_image
+from sdserve.imaging import read_metadata
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a sandboxed CI machine with no network beyond loopback.
@@ -56,3 +64,107 @@ def test_errors_are_shown_on_the_page(page, sdxl_server):
     page.wait_for_selector("#status.error", timeout=60_000)
     assert "num_inference_steps: must be an integer from 1 to 100" in page.locator("#status").inner_text()
     assert page.locator("#generate").is_enabled()
+
+
+def _data_url_image(url: str) -> Image.Image:
+    assert url.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+
+
+def test_upload_an_image_paint_a_mask_and_inpaint(page, sdxl_server, tmp_path):
+    (tmp_path / "fox.png").write_bytes(encode(make_image(128, 128, seed=3)))
+    page.goto(f"{sdxl_server.url}/ui")
+    page.fill("#prompt", "a fox in the snow")
+    page.fill("#width", "256")  # typed before the image: the image's size replaces it
+    page.fill("#num_inference_steps", "4")
+    page.fill("#seed", "7")
+    page.set_input_files("#image-file", str(tmp_path / "fox.png"))
+    page.wait_for_selector("#mask-canvas", state="visible")
+    assert page.input_value("#width") == "" and page.get_attribute("#width", "placeholder") == "128 (image)"
+    assert page.locator("#strength-value").inner_text() == "0.80"
+    assert page.eval_on_selector("#mask-canvas", "c => [c.width, c.height]") == [128, 128]  # the image's size
+
+    page.fill("#brush-size", "40")  # screen pixels: about 15 of the image's (the preview is larger)
+    canvas = page.locator("#mask-canvas")
+    canvas.scroll_into_view_if_needed()  # the mouse only reaches the viewport
+
+    def at(x, y):  # image pixel -> viewport coordinates (asked each time: clicks may scroll)
+        box = canvas.bounding_box()
+        return box["x"] + x * box["width"] / 128, box["y"] + y * box["height"] / 128
+
+    for y in (30, 50):  # two horizontal brush strokes across the top half
+        page.mouse.move(*at(10, y))
+        page.mouse.down()
+        page.mouse.move(*at(110, y), steps=8)
+        page.mouse.up()
+    page.click("#tool-eraser")
+    page.mouse.move(*at(60, 15))  # an eraser stroke down the middle of both
+    page.mouse.down()
+    page.mouse.move(*at(60, 60), steps=5)
+    page.mouse.up()
+    page.click("#tool-brush")
+    assert page.locator("#strength-value").inner_text() == "1.00"  # the server's inpainting default
+    page.focus("#strength")
+    for _ in range(8):  # down from 1.00 to 0.60 with the keyboard, in steps of 0.05
+        page.keyboard.press("ArrowLeft")
+    assert page.locator("#strength-value").inner_text() == "0.60"
+    (tmp_path / "image-input-painted.png").write_bytes(page.screenshot(full_page=True))
+
+    with page.expect_request(lambda r: r.url.endswith("/v1/models/sdxl:predict")) as sent:
+        page.click("#generate")
+    instance = sent.value.post_data_json["instances"][0]
+    assert instance["strength"] == 0.6 and "width" not in instance and "height" not in instance
+    assert _data_url_image(instance["image"]).tobytes() == make_image(128, 128, seed=3).tobytes()
+    mask = np.asarray(_data_url_image(instance["mask"]).convert("L"))
+    assert mask.shape == (128, 128)
+    assert mask[30, 20] == mask[50, 100] == 255  # painted: repaint
+    assert mask[30, 60] == mask[50, 60] == 0  # erased
+    assert mask[100, 20] == mask[5, 64] == mask[30, 125] == 0  # never painted: keep
+    assert ((mask == 0) | (mask == 255)).mean() > 0.95  # gray only along the strokes' edges
+
+    page.wait_for_selector("figure img", timeout=60_000)
+    page.wait_for_function("document.querySelector('figure img').naturalWidth === 128")
+    status = page.locator("#status").inner_text()
+    assert "1 image(s), 128×128, 4 steps, inpaint at strength 0.6" in status, status
+    (tmp_path / "image-input-result.png").write_bytes(page.screenshot(full_page=True))
+
+
+def test_dropped_image_without_a_mask_is_img2img_and_can_be_removed(page, sdxl_server, tmp_path):
+    page.goto(f"{sdxl_server.url}/ui")
+    page.fill("#num_inference_steps", "4")
+    png = base64.b64encode(encode(make_image(160, 96, seed=5))).decode()
+    dropped = page.evaluate_handle(
+        """(b64) => { const data = new DataTransfer();
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            data.items.add(new File([bytes], "drop.png", { type: "image/png" })); return data; }""", png)
+    page.dispatch_event("#image-input", "drop", {"dataTransfer": dropped})
+    page.wait_for_selector("#mask-canvas", state="visible")
+    assert "drop.png: 160×96" in page.locator("#image-hint").inner_text()
+    assert "@request.json" in page.locator("#curl").inner_text() and page.is_visible("#request-json")
+
+    with page.expect_request(lambda r: r.url.endswith(":predict")) as sent:
+        page.click("#generate")
+    instance = sent.value.post_data_json["instances"][0]
+    assert instance["image"] == f"data:image/png;base64,{png}"  # the file as it was
+    assert "mask" not in instance and instance["strength"] == 0.8
+    page.wait_for_function("document.querySelector('figure img')?.naturalWidth === 160", timeout=60_000)
+    assert "160×96, 4 steps, img2img at strength 0.8" in page.locator("#status").inner_text()
+    # a random seed has up to 63 bits: the caption must show it exactly, as the PNG stores it
+    result = base64.b64decode(page.get_attribute("figure img", "src").split(",", 1)[1])
+    assert page.locator("figcaption.seed").inner_text() == f"seed {read_metadata(result)['seed']}"
+    (tmp_path / "image-input-img2img.png").write_bytes(page.screenshot(full_page=True))
+
+    # the curl shown reads the body from the download next to it, and works as shown
+    with page.expect_download() as download:
+        page.click("#request-json")
+    download.value.save_as(tmp_path / "request.json")
+    assert json.loads((tmp_path / "request.json").read_text())["instances"][0]["image"].endswith(png)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", page.locator("#curl").inner_text()], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.startswith("seed "), run.stderr
+    assert Image.open(tmp_path / "out.png").size == (160, 96)
+
+    page.click("#remove-image")
+    assert page.is_hidden("#image-editor") and page.get_attribute("#width", "placeholder") == "model default"
+    curl = page.locator("#curl").inner_text()
+    assert '"prompt"' in curl and "strength" not in curl and "@request.json" not in curl

@@ -3,6 +3,7 @@
 Against a running server (``--url``, KServe v1 or the OpenAI route) or one-shot on this machine
 without a server (``--model_dir``, with a progress bar). Files are PNG (or JPEG/WebP by extension);
 PNGs carry the parameters that reproduce them, and several images get their seed in the name.
+``--image`` starts from a picture (img2img), ``--mask`` repaints only its white parts (inpainting).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ FLAGS = {
     "refiner": ("--refiner", str),
     "high_noise_frac": ("--high_noise_frac", float),
     "refiner_strength": ("--refiner_strength", float),
+    "strength": ("--strength", float),
 }
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
     for field, (flag, kind) in FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, help=field)
+    parser.add_argument("--image", metavar="FILE", help="start image (PNG, JPEG or WebP): img2img, or inpainting "
+                        "with --mask; the output takes its size unless --width/--height are given")
+    parser.add_argument("--mask", metavar="FILE", help="inpainting mask, the image's size: white = repaint, "
+                        "black = keep (needs --image)")
     parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
                         help="a LoRA adapter of the model, with an optional scale (repeatable)")
     local = parser.add_argument_group("local generation (--model_dir)")
@@ -131,9 +137,22 @@ def _lora(spec: str) -> dict[str, Any]:
         raise SystemExit(f"error: --lora {spec}: the scale after ':' must be a number") from None
 
 
+def _image_file(path: str, flag: str) -> str:
+    """The file as base64, which both the server's JSON and the local parser take (and check)."""
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode()
+    except OSError as exc:
+        raise SystemExit(f"error: {flag} {path}: {exc.strerror or exc}") from None
+
+
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    if args.mask and not args.image:
+        raise SystemExit("error: --mask needs --image: the mask marks the parts of that image to repaint")
     params = {field: getattr(args, field) for field in FLAGS if getattr(args, field) is not None}
+    for field in ("image", "mask"):
+        if getattr(args, field):
+            params[field] = _image_file(getattr(args, field), f"--{field}")
     if args.lora:
         params["loras"] = [_lora(spec) for spec in args.lora]
     params["format"] = EXTENSIONS.get(Path(args.output).suffix.lower(), "png")

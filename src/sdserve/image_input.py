@@ -14,7 +14,7 @@ import re
 import warnings
 
 from kserve.errors import InvalidInput
-from PIL import Image
+from PIL import Image, ImageOps
 
 FORMATS = ("PNG", "JPEG", "WEBP")
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -42,7 +42,8 @@ def decode_image(value: object, field: str, max_pixels: int) -> Image.Image:
         image.load()
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
         raise InvalidInput(f"{field}: the {image.format} image does not decode: {exc}") from None
-    return image
+    # Upright as browsers and viewers show it: phone photos store their rotation in EXIF.
+    return ImageOps.exif_transpose(image)
 
 
 def _bytes(value: object, field: str) -> bytes:
