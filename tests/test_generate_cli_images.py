@@ -1,10 +1,12 @@
 """``sdserve generate --image/--mask/--strength``: img2img and inpainting from the terminal, against a
-real server and locally (``--model_dir``), as a user runs it (a subprocess)."""
+real server and locally (``--model_dir``), as a user runs it (a subprocess); and ``--show_parameters``,
+the fields' allowed values as the server's request schema has them."""
 
 import io
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -94,3 +96,42 @@ def test_clear_errors(models, sd_server, inputs, tmp_path):
     run = generate("--url", sd_server.url, "--model_name", "sd", "--image", str(inputs / "in.jpg"),
                    "--mask", str(inputs / "m.png"), "--steps", "4")
     assert run.returncode == 1 and "differs from the image's size" in run.stderr
+
+
+def shown(stdout: str) -> dict[str, str]:
+    """--show_parameters' lines by field name."""
+    return {line.split()[0]: line for line in stdout.splitlines()[1:]}
+
+
+def test_show_parameters_prints_the_servers_schema(models, start_server):
+    server = start_server("--model_dir", str(models["sd3"]), "--max_steps", "9", "--max_side", "640", model_name="sd3")
+    schema = httpx.get(f"{server.url}/v1/models/sd3/schema").json()
+    run = generate("--url", server.url, "--model_name", "sd3", "--show_parameters")
+    assert run.returncode == 0, run.stderr
+    lines = shown(run.stdout)
+    assert list(lines) == list(schema["properties"])  # one line per field, nothing else
+    steps = schema["properties"]["num_inference_steps"]
+    assert steps["maximum"] == 9
+    assert lines["num_inference_steps"].split()[:4] == ["num_inference_steps", "--steps", "integer", str(steps["default"])]
+    assert "[1, 9]" in lines["num_inference_steps"]
+    assert "[64, 640], multiple of" in lines["width"]
+    samplers = schema["properties"]["scheduler"]["anyOf"][0]["enum"]  # the flow-matching family's
+    assert "one of: " + ", ".join(samplers) + "  #" in lines["scheduler"] and "DPM++ 2M" not in lines["scheduler"]
+    assert "one of: none; true or false  #" in lines["refiner"]  # no refiner loaded: none only
+    assert "(0.0, 1.0]" in lines["strength"] and lines["prompt"].split()[3] == "(required)"
+
+    run = subprocess.run([sys.executable, "-m", "sdserve", "generate", "--url", server.url, "--model_name", "nope",
+                          "--show_parameters"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "error 404" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "sdserve", "generate", "--url", server.url], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and "required: prompt" in run.stderr  # a prompt is needed to generate
+
+
+def test_show_parameters_locally_matches_the_server(models, sd_server):
+    remote = generate("--url", sd_server.url, "--model_name", "sd", "--show_parameters")
+    local = generate("--model_dir", str(models["sd"]), "--show_parameters")  # the same limits: the defaults
+    assert remote.returncode == local.returncode == 0, remote.stderr + local.stderr
+    assert local.stdout == remote.stdout
+    assert "[1, 100]" in shown(local.stdout)["num_inference_steps"]
+    assert "DPM++ 2M Karras" in shown(local.stdout)["scheduler"]

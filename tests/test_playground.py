@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,8 +35,22 @@ def page():
         browser.close()
 
 
+@pytest.fixture(scope="module")
+def limited_server(models, start_server):
+    """Tighter limits than the defaults: the page must show these, not its own idea of them."""
+    return start_server("--model_dir", str(models["sdxl-refiner"]), "--max_steps", "7", "--max_side", "512")
+
+
+def open_page(page, server) -> dict:
+    """The playground, once it has read the server's request schema; that schema."""
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#form[data-schema]", state="attached")
+    assert page.get_attribute("#form", "data-schema") == "loaded"
+    return httpx.get(f"{server.url}/v1/models/{server.model_name}/schema").json()
+
+
 def test_fill_the_form_generate_and_see_images_with_seeds(page, sdxl_server, tmp_path):
-    page.goto(f"{sdxl_server.url}/ui")
+    open_page(page, sdxl_server)
     assert page.locator("#model-name").inner_text() == "sdxl"
     page.fill("#prompt", "a paper boat on a pond")
     page.fill("#negative_prompt", "rain")
@@ -58,8 +73,9 @@ def test_fill_the_form_generate_and_see_images_with_seeds(page, sdxl_server, tmp
 
 
 def test_errors_are_shown_on_the_page(page, sdxl_server):
-    page.goto(f"{sdxl_server.url}/ui")
-    page.fill("#num_inference_steps", "1000")  # the browser allows it, the server's limit does not
+    open_page(page, sdxl_server)
+    page.fill("#num_inference_steps", "1000")  # marked out of range, but sent: the server's message says why
+    assert page.eval_on_selector("#num_inference_steps", "el => el.validity.rangeOverflow")
     page.click("#generate")
     page.wait_for_selector("#status.error", timeout=60_000)
     assert "num_inference_steps: must be an integer from 1 to 100" in page.locator("#status").inner_text()
@@ -73,7 +89,7 @@ def _data_url_image(url: str) -> Image.Image:
 
 def test_upload_an_image_paint_a_mask_and_inpaint(page, sdxl_server, tmp_path):
     (tmp_path / "fox.png").write_bytes(encode(make_image(128, 128, seed=3)))
-    page.goto(f"{sdxl_server.url}/ui")
+    open_page(page, sdxl_server)
     page.fill("#prompt", "a fox in the snow")
     page.fill("#width", "256")  # typed before the image: the image's size replaces it
     page.fill("#num_inference_steps", "4")
@@ -130,7 +146,7 @@ def test_upload_an_image_paint_a_mask_and_inpaint(page, sdxl_server, tmp_path):
 
 
 def test_dropped_image_without_a_mask_is_img2img_and_can_be_removed(page, sdxl_server, tmp_path):
-    page.goto(f"{sdxl_server.url}/ui")
+    schema = open_page(page, sdxl_server)
     page.fill("#num_inference_steps", "4")
     png = base64.b64encode(encode(make_image(160, 96, seed=5))).decode()
     dropped = page.evaluate_handle(
@@ -165,6 +181,98 @@ def test_dropped_image_without_a_mask_is_img2img_and_can_be_removed(page, sdxl_s
     assert Image.open(tmp_path / "out.png").size == (160, 96)
 
     page.click("#remove-image")
-    assert page.is_hidden("#image-editor") and page.get_attribute("#width", "placeholder") == "model default"
+    assert page.is_hidden("#image-editor")
+    assert page.get_attribute("#width", "placeholder") == f"{schema['properties']['width']['default']} (default)"
     curl = page.locator("#curl").inner_text()
     assert '"prompt"' in curl and "strength" not in curl and "@request.json" not in curl
+
+
+def _bounds(page, selector: str) -> dict:
+    return page.eval_on_selector(selector, "el => ({min: el.min, max: el.max, step: el.step, placeholder: el.placeholder})")
+
+
+def _options(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(f"{selector} option", "options => options.map(o => o.value)")
+
+
+def _enum(field: dict) -> list[str]:
+    return next(branch.get("enum", [branch.get("const")]) for branch in [field, *field.get("anyOf", [])]
+                if "enum" in branch or "const" in branch)
+
+
+def test_controls_follow_the_server_schema(page, limited_server, tmp_path):
+    fields = open_page(page, limited_server)["properties"]
+    steps = _bounds(page, "#num_inference_steps")
+    assert steps["max"] == "7" and steps["min"] == "1" and steps["step"] == "1"  # --max_steps 7
+    assert steps["placeholder"] == f"{fields['num_inference_steps']['default']} (default)"
+    for side in ("#width", "#height"):  # --max_side 512, in the model's multiple of 8
+        assert _bounds(page, side) == {"min": "64", "max": "512", "step": "8",
+                                       "placeholder": f"{fields['width']['default']} (default)"}
+    guidance = _bounds(page, "#guidance_scale")
+    assert float(guidance["max"]) == fields["guidance_scale"]["maximum"] and guidance["step"] == "any"
+    assert guidance["placeholder"] == f"{fields['guidance_scale']['default']:g} (default)"
+    assert float(_bounds(page, "#num_images")["max"]) == fields["num_images"]["maximum"]
+    assert float(_bounds(page, "#quality")["max"]) == fields["quality"]["maximum"]
+    assert float(_bounds(page, "#refiner_strength")["placeholder"].split()[0]) == fields["refiner_strength"]["default"]
+    assert page.eval_on_selector("#strength", "el => [el.min, el.max]") == ["0.05", "1"]  # (0, 1] in steps of 0.05
+    # the choices are the schema's: this model family's samplers, this server's refiner modes
+    assert _options(page, "#scheduler") == ["", *_enum(fields["scheduler"])]
+    assert page.locator("#scheduler option").first.inner_text() == "model default"
+    assert _options(page, "#refiner") == ["", *_enum(fields["refiner"])] and page.is_visible("#refiner")
+    assert page.locator("#refiner option").first.inner_text() == f"default ({fields['refiner']['default']})"
+    assert _options(page, "#format") == ["", *_enum(fields["format"])]
+    (tmp_path / "schema-controls.png").write_bytes(page.screenshot(full_page=True))
+
+    chosen = _enum(fields["scheduler"])[-1]
+    page.fill("#num_inference_steps", "8")
+    assert page.eval_on_selector("#num_inference_steps", "el => el.validity.rangeOverflow")
+    page.fill("#num_inference_steps", "4")
+    page.fill("#width", "128")
+    page.fill("#seed", "5")
+    page.select_option("#scheduler", chosen)
+    page.select_option("#refiner", "refine")
+    page.select_option("#format", "webp")
+    assert f'"scheduler":"{chosen}"' in page.locator("#curl").inner_text()
+    with page.expect_response(lambda r: r.url.endswith("/v1/models/sdxl:predict"), timeout=60_000) as answer:
+        page.click("#generate")
+    instance = answer.value.request.post_data_json["instances"][0]
+    assert instance == {"prompt": instance["prompt"], "width": 128, "num_inference_steps": 4, "seed": 5,
+                        "scheduler": chosen, "refiner": "refine", "format": "webp"}
+    parameters = answer.value.json()["predictions"][0]["parameters"]
+    assert (parameters["scheduler"], parameters["refiner"], parameters["format"]) == (chosen, "refine", "webp")
+    page.wait_for_function("document.querySelector('figure img')?.naturalWidth === 128", timeout=60_000)
+    assert page.get_attribute("figure img", "src").startswith("data:image/webp;base64,")
+    assert "4 steps" in page.locator("#status").inner_text()
+
+
+def test_choices_are_the_loaded_models(page, models, start_server):
+    server = start_server("--model_dir", str(models["sd3"]), model_name="sd3")
+    fields = open_page(page, server)["properties"]
+    samplers = _options(page, "#scheduler")
+    assert samplers == ["", *_enum(fields["scheduler"])] and "DPM++ 2M" not in samplers  # flow-matching ones
+    assert page.is_hidden("#refiner-controls")  # no refiner: the schema allows "none" only
+    assert _options(page, "#refiner") == ["", "none"]
+
+
+def test_without_the_schema_the_page_still_works(page, limited_server):
+    page.route("**/schema", lambda route: route.fulfill(status=503, body="unavailable"))
+    try:
+        page.goto(f"{limited_server.url}/ui")
+        page.wait_for_selector("#form[data-schema=unavailable]", state="attached")
+        assert "request schema could not be read" in page.locator("#status").inner_text()
+        # plain controls: no bounds; the choices are typed, and checked by the server
+        assert _bounds(page, "#num_inference_steps")["max"] == ""
+        assert page.eval_on_selector("#scheduler", "el => el.tagName") == "INPUT"
+        page.fill("#num_inference_steps", "3")
+        page.fill("#width", "64")
+        page.fill("#scheduler", "euler_a")
+        with page.expect_request(lambda r: r.url.endswith(":predict")) as sent:
+            page.click("#generate")
+        assert sent.value.post_data_json["instances"][0]["scheduler"] == "euler_a"
+        page.wait_for_function("document.querySelector('figure img')?.naturalWidth === 64", timeout=60_000)
+        page.fill("#num_inference_steps", "9")
+        page.click("#generate")
+        page.wait_for_selector("#status.error", timeout=60_000)
+        assert "num_inference_steps: must be an integer from 1 to 7" in page.locator("#status").inner_text()
+    finally:
+        page.unroute("**/schema")

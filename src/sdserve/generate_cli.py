@@ -4,19 +4,23 @@ Against a running server (``--url``, KServe v1 or the OpenAI route) or one-shot 
 without a server (``--model_dir``, with a progress bar). Files are PNG (or JPEG/WebP by extension);
 PNGs carry the parameters that reproduce them, and several images get their seed in the name.
 ``--image`` starts from a picture (img2img), ``--mask`` repaints only its white parts (inpainting).
+``--show_parameters`` prints the request fields with their allowed values: the server's (its request
+schema) or, with ``--model_dir``, the local parser's. The CLI keeps no copy of them: what a flag may
+be is checked where the request is parsed.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from .imaging import encode_image
 
-# flag -> generation field
+# generation field -> (flag, type); the allowed values are the schema's (--show_parameters)
 FLAGS = {
     "negative_prompt": ("--negative_prompt", str),
     "width": ("--width", int),
@@ -32,11 +36,13 @@ FLAGS = {
     "strength": ("--strength", float),
 }
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+# fields set by other flags than FLAGS', for --show_parameters
+OTHER_FLAGS = {"prompt": "PROMPT", "format": "-o", "image": "--image", "mask": "--mask", "loras": "--lora"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdserve generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", nargs="?", help="what to generate (not needed with --show_parameters)")
     parser.add_argument("-o", "--output", default="out.png", help="file to write (.png, .jpg or .webp)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running sdserve, e.g. http://localhost:8080 (the default)")
@@ -45,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name", default="sdxl", help="model name on the server")
     parser.add_argument("--token", help="bearer token (e.g. `oc whoami -t` behind OpenShift AI's auth)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
+    parser.add_argument("--show_parameters", action="store_true",
+                        help="print each request field's type, default and allowed values, as the server "
+                        "(--url) or this machine (--model_dir) takes them, and exit")
     for field, (flag, kind) in FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, help=field)
+        parser.add_argument(flag, dest=field, type=kind, help=f"{field} (allowed: see --show_parameters)")
     parser.add_argument("--image", metavar="FILE", help="start image (PNG, JPEG or WebP): img2img, or inpainting "
                         "with --mask; the output takes its size unless --width/--height are given")
     parser.add_argument("--mask", metavar="FILE", help="inpainting mask, the image's size: white = repaint, "
@@ -69,11 +78,15 @@ def output_paths(output: str, seeds: list[int]) -> list[Path]:
     return [path.with_name(f"{path.stem}-{seed}{path.suffix}") for seed in seeds]
 
 
+def _server(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    url = (args.url or "http://localhost:8080").rstrip("/")
+    return url, {"Authorization": f"Bearer {args.token}"} if args.token else {}
+
+
 def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
     import httpx
 
-    url = (args.url or "http://localhost:8080").rstrip("/")
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    url, headers = _server(args)
     if args.api == "openai":
         body = {"model": args.model_name, "prompt": args.prompt, "output_format": params.pop("format"), **params}
         if "num_images" in body:
@@ -91,15 +104,9 @@ def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tu
     return [(base64.b64decode(i["b64"]), i["seed"]) for i in answer["predictions"][0]["images"]]
 
 
-def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
-    """The server's own model and engine, without the server."""
-    import asyncio
-
-    from kserve.errors import InvalidInput
-
-    from tqdm.auto import tqdm
-
-    from .generation import EngineSettings, Progress
+def load_local(args: argparse.Namespace):
+    """The server's own model, parser and engine, loaded here with the server's default limits."""
+    from .generation import EngineSettings
     from .model_store import ModelStoreError
     from .predictor import ModelSettings, SDModel
     from .request import Limits
@@ -112,6 +119,20 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
         model.load()
     except ModelStoreError as exc:
         raise SystemExit(f"error: {exc}") from None
+    return model
+
+
+def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+    """The server's own model and engine, without the server."""
+    import asyncio
+
+    from kserve.errors import InvalidInput
+
+    from tqdm.auto import tqdm
+
+    from .generation import Progress
+
+    model = load_local(args)
     try:
         request = model.parser.parse({"prompt": args.prompt, **params})
     except InvalidInput as exc:
@@ -126,6 +147,89 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
     return [
         (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, model.name)), seed)
         for img, seed in zip(result.images, result.seeds)
+    ]
+
+
+def request_schema(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON Schema of one request's parameters: the server's, or the local parser's."""
+    if args.model_dir:
+        model = load_local(args)
+        try:
+            return model.parser.schema()
+        finally:
+            model.stop()
+    import httpx
+
+    url, headers = _server(args)
+    try:
+        response = httpx.get(f"{url}/v1/models/{args.model_name}/schema", headers=headers, timeout=args.timeout)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: {url}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = response.text
+        reason = answer.get("error", answer) if isinstance(answer, dict) else answer
+        raise SystemExit(f"error {response.status_code}: {reason}")
+    return response.json()
+
+
+def _value(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _types(node: dict[str, Any]) -> list[str]:
+    if "anyOf" in node:
+        return [t for branch in node["anyOf"] for t in _types(branch)]
+    if "type" in node:
+        return [node["type"]] if isinstance(node["type"], str) else list(node["type"])
+    return ["object"] if "properties" in node else ["any"]
+
+
+def _allowed(node: dict[str, Any]) -> str:
+    """What a value may be, in words: choices, an interval, a length; "" where anything of its type goes."""
+    if "anyOf" in node:
+        return "; ".join(filter(None, (_allowed(branch) for branch in node["anyOf"])))
+    if "enum" in node or "const" in node:  # a single choice comes as const
+        return "one of: " + ", ".join(str(choice) for choice in node.get("enum", [node.get("const")]))
+    if node.get("type") == "boolean":
+        return "true or false"
+    parts = []
+    low = node.get("minimum", node.get("exclusiveMinimum"))
+    high = node.get("maximum", node.get("exclusiveMaximum"))
+    if low is not None or high is not None:
+        parts.append(f"{'(' if 'exclusiveMinimum' in node else '['}{_value(low) if low is not None else '-inf'}, "
+                     f"{_value(high) if high is not None else 'inf'}{')' if 'exclusiveMaximum' in node else ']'}")
+    if "multipleOf" in node:
+        parts.append(f"multiple of {_value(node['multipleOf'])}")
+    if "maxLength" in node:
+        parts.append(f"at most {node['maxLength']} characters")
+    if node.get("type") == "array":
+        least, most = node.get("minItems"), node.get("maxItems")
+        parts.append(f"{least} item{'s' * (least != 1)}" if least is not None and least == most else
+                     " ".join(filter(None, (least and f"at least {least}", most and f"at most {most}", "items"))))
+        items = node.get("prefixItems") or ([node["items"]] if "items" in node else [])
+        each = {_allowed(item) for item in items}
+        if len(each) == 1 and "" not in each:
+            parts.append(f"each {each.pop()}")
+    return ", ".join(parts)
+
+
+def describe_parameters(schema: dict[str, Any]) -> list[str]:
+    """One line per field of the schema: name, flag, type, default, allowed values, description."""
+    flags = {field: flag for field, (flag, _) in FLAGS.items()} | OTHER_FLAGS
+    required = set(schema.get("required", ()))
+    rows = [("field", "flag", "type", "default", "allowed", "")]
+    for name, node in schema.get("properties", {}).items():
+        default = "(required)" if name in required else _value(node.get("default"))
+        types = "|".join(dict.fromkeys(_types(node)))
+        rows.append((name, flags.get(name, ""), types, default, _allowed(node) or "-", node.get("description", "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + f"  {row[4]}"
+        + (f"  # {row[5]}" if row[5] else "")
+        for row in rows
     ]
 
 
@@ -146,7 +250,14 @@ def _image_file(path: str, flag: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.show_parameters:
+        print("\n".join(describe_parameters(request_schema(args))))
+        sys.stdout.flush()
+        return
+    if args.prompt is None:
+        parser.error("the following arguments are required: prompt")
     if args.mask and not args.image:
         raise SystemExit("error: --mask needs --image: the mask marks the parts of that image to repaint")
     params = {field: getattr(args, field) for field in FLAGS if getattr(args, field) is not None}
