@@ -52,6 +52,8 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
     if family == "sd3":
         kwargs["prompt_3"] = [request.prompt_3 or request.prompt] * n
         kwargs["negative_prompt_3"] = [request.negative(3)] * n if has_negative else None
+    if request.eta is not None:  # the sampler settings, as a diffusers user passes them
+        kwargs["eta"] = request.eta
     if family == "sdxl":
         kwargs.update(original_size=request.original_size, crops_coords_top_left=request.crops_coords_top_left or (0, 0),
                       target_size=request.target_size)
@@ -59,12 +61,14 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
     size = {"height": request.height, "width": request.width}
     if request.image is not None:
         return _from_image(model, request, kwargs, size)
-    base.scheduler = build_scheduler(request.scheduler, model.scheduler_config, seeds, model.capabilities.scheduler_family)
+    if request.timesteps is not None:  # text-to-image on the base only (validation.py)
+        kwargs["timesteps"] = list(request.timesteps)
+    base.scheduler = _scheduler(request, model.scheduler_config, seeds, model.capabilities.scheduler_family)
     mode = request.refiner if model.refiner is not None else RefinerMode.NONE
     if mode is RefinerMode.NONE:
         return list(to_uint8(base(**size, output_type="np", **kwargs).images))
     refiner = model.refiner
-    refiner.scheduler = build_scheduler(request.scheduler, model.refiner_scheduler_config, seeds)
+    refiner.scheduler = _scheduler(request, model.refiner_scheduler_config, seeds)
     if mode is RefinerMode.ENSEMBLE:
         latents = base(**size, denoising_end=request.high_noise_frac, output_type="latent", **kwargs).images
         images = refiner(image=latents, denoising_start=request.high_noise_frac, output_type="np", **kwargs).images
@@ -72,6 +76,18 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
         latents = base(**size, output_type="latent", **kwargs).images
         images = refiner(image=latents, strength=request.refiner_strength, output_type="np", **kwargs).images
     return list(to_uint8(images))
+
+
+def _scheduler(request: GenerationRequest, config: dict, seeds: list[int], family: str = "diffusion"):
+    """The request's sampler from the model's config; a timestep_spacing set as diffusers users set
+    it, ``Cls.from_config(config, timestep_spacing=...)``."""
+    scheduler = build_scheduler(request.scheduler, config, seeds, family)
+    if request.timestep_spacing is None:
+        return scheduler
+    spaced = type(scheduler).from_config(scheduler.config, timestep_spacing=request.timestep_spacing)
+    if hasattr(scheduler, "noise_sampler_seed"):  # an attribute, not kept by the config
+        spaced.noise_sampler_seed = scheduler.noise_sampler_seed
+    return spaced
 
 
 def _from_image(model: LoadedModel, request: GenerationRequest, kwargs: dict, size: dict) -> list[np.ndarray]:
@@ -96,7 +112,7 @@ def _from_image(model: LoadedModel, request: GenerationRequest, kwargs: dict, si
     for i, seed in enumerate(request.seeds):
         one = {k: (v[i : i + 1] if isinstance(v, list) else v) for k, v in kwargs.items()}
         one["generator"] = torch.Generator("cpu").manual_seed(seed)
-        pipe.scheduler = build_scheduler(request.scheduler, model.scheduler_config, [seed], caps.scheduler_family)
+        pipe.scheduler = _scheduler(request, model.scheduler_config, [seed], caps.scheduler_family)
         call = {**one, **inputs, "strength": request.strength}
         if mode is RefinerMode.NONE and caps.family == "sd3" and request.mask is not None:
             images.append(_sd3_decode(pipe, pipe(output_type="latent", **call).images))
@@ -105,7 +121,7 @@ def _from_image(model: LoadedModel, request: GenerationRequest, kwargs: dict, si
             images.append(pipe(output_type="np", **call).images[0])
             continue
         refiner = model.refiner
-        refiner.scheduler = build_scheduler(request.scheduler, model.refiner_scheduler_config, [seed])
+        refiner.scheduler = _scheduler(request, model.refiner_scheduler_config, [seed])
         if mode is RefinerMode.ENSEMBLE:
             latents = pipe(denoising_end=request.high_noise_frac, output_type="latent", **call).images
             out = refiner(image=latents, denoising_start=request.high_noise_frac, output_type="np", **one)

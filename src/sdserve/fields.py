@@ -24,7 +24,13 @@ FIELDS: dict[str, str] = {
     "seed": "random seed (-1 or absent: random); image i uses seed + i",
     "num_images": "images to generate for this prompt",
     "scheduler": "sampler: any case, '_'/'-' for spaces, or a diffusers class name (absent: the model's own)",
-    "refiner": "none | ensemble | refine; true: the default (ensemble with a refiner, none with a mask); false: none",
+    "eta": "DDIM/TCD: share of fresh noise in each step, 0 (deterministic) to 1 (default: 0.3 for TCD, else 0)",
+    "timestep_spacing": "how the steps spread over the training timesteps, overriding the model's "
+                        "(SDXL-Lightning: Euler + trailing; Hyper-SD: DDIM + trailing)",
+    "timesteps": "the schedule outright: training timesteps, strictly descending (DMD2: [999, 749, 499, 249]); "
+                 "num_inference_steps is its length; text-to-image on the base model only",
+    "refiner": ("none | ensemble | refine; true: the default (ensemble with a refiner, none with a mask or "
+                "timesteps); false: none"),
     "high_noise_frac": "ensemble split: fraction of denoising done by the base model",
     "refiner_strength": "refine mode: how much of the schedule the refiner re-runs",
     "original_size": "SDXL micro-conditioning [width, height]",

@@ -34,6 +34,9 @@ FLAGS = {
     "high_noise_frac": ("--high_noise_frac", float),
     "refiner_strength": ("--refiner_strength", float),
     "strength": ("--strength", float),
+    "eta": ("--eta", float),
+    "timestep_spacing": ("--timestep_spacing", str),
+    "timesteps": ("--timesteps", str),  # JSON text, e.g. "[999, 749, 499, 249]"
 }
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 # fields set by other flags than FLAGS', for --show_parameters

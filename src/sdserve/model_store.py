@@ -314,6 +314,7 @@ def load(
         has_t5=getattr(base, "text_encoder_3", None) is not None,
         needs_mask=family != "sd3" and denoiser.config.in_channels != base.vae.config.latent_channels,
         needs_image=class_name == REFINER_PIPELINE,
+        num_train_timesteps=base.scheduler.config.get("num_train_timesteps", 1000),
     )
     return LoadedModel(
         base,

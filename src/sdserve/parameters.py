@@ -8,6 +8,7 @@ JSON Schema. Rules between fields, or on a decoded image, are ``validation.py``'
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from .fields import ALIASES, FIELDS, LORA_SCALE, MAX_LORAS, AdapterCatalog, field_keys
 from .request import IMAGE_FORMATS, MAX_SEED, Limits, ModelCapabilities, RefinerMode
-from .schedulers import FAMILIES, resolve_scheduler_name
+from .schedulers import FAMILIES, SPACINGS, resolve_scheduler_name
 
 SIZE_CONDITIONING = 16384  # bounds of the SDXL micro-conditioning pairs
 
@@ -115,6 +116,25 @@ def _pair(lo: int, hi: int) -> Any:
     side = Annotated[int, Field(ge=lo, le=hi)]
     expect = Expect(f"a list of two integers from {lo} to {hi}")
     return Annotated[tuple[side, side], BeforeValidator(numbers), expect] | None
+
+
+def _timesteps(total: int, most: int) -> Any:
+    """A schedule given outright: 1 to ``most`` training timesteps (below ``total``), descending."""
+    def integers(value: Any) -> Any:
+        value = _json_list(value)
+        if not isinstance(value, (list, tuple)) or any(_as_number(x) is None for x in value):
+            raise _invalid()
+        return [_as_number(x) for x in value]
+
+    def descending(value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(later >= earlier for earlier, later in itertools.pairwise(value)):
+            raise _refuse(f"must be strictly descending, got {list(value)!r:.200}")
+        return value
+
+    step = Annotated[int, Field(ge=0, le=total - 1)]
+    expect = Expect(f"a list of 1 to {most} integers from 0 to {total - 1}, strictly descending")
+    return Annotated[tuple[step, ...], Field(min_length=1, max_length=most), BeforeValidator(integers),
+                     AfterValidator(descending), expect] | None
 
 
 def _choice(choices: Mapping[str, str]) -> Any:
@@ -284,6 +304,9 @@ def parameters_model(limits: Limits, model: ModelCapabilities) -> type[BaseModel
         "seed": (_integer(-1, MAX_SEED), -1),
         "num_images": (_integer(1, limits.max_images), 1),
         "scheduler": (_scheduler(model.scheduler_family), None),
+        "eta": (_real(0.0, 1.0) | None, None),
+        "timestep_spacing": (_choice({s: s for s in SPACINGS}) | None, None),
+        "timesteps": (_timesteps(model.num_train_timesteps, limits.max_steps), None),
         "refiner": (_refiner(model.has_refiner), "ensemble" if model.has_refiner else "none"),
         "high_noise_frac": (_real(0.0, 1.0, low_open=True, high_open=True), 0.8),
         "refiner_strength": (fraction, 0.3),

@@ -54,6 +54,7 @@ class ModelCapabilities:
     has_t5: bool = False  # SD3 with its T5 encoder loaded
     needs_mask: bool = False  # an inpainting model (extra mask channels): every request brings image + mask
     needs_image: bool = False  # an image-to-image model (an SDXL refiner served alone)
+    num_train_timesteps: int = 1000  # the scheduler config's: the range of custom timesteps
 
     @property
     def is_sdxl(self) -> bool:
@@ -81,6 +82,10 @@ class GenerationRequest:
     negative_prompt_3: str | None = None
     num_images: int = 1
     scheduler: str | None = None  # canonical name from schedulers.SCHEDULERS; None: the model's own
+    # Sampler settings; None: the model's own (eta: the pipelines' 0.0, where the sampler takes it).
+    eta: float | None = None
+    timestep_spacing: str | None = None
+    timesteps: tuple[int, ...] | None = None  # the schedule outright; num_inference_steps is its length
     refiner: RefinerMode = RefinerMode.NONE
     high_noise_frac: float = 0.8
     refiner_strength: float = 0.3
@@ -121,7 +126,7 @@ class GenerationRequest:
         out["loras"] = [{"name": name, "scale": scale} for name, scale in self.loras] or None
         if self.image is not None:  # the image itself is the client's; say what was done with it
             out["mode"] = "inpaint" if self.mask is not None else "img2img"
-        for name in ("original_size", "crops_coords_top_left", "target_size"):
+        for name in ("original_size", "crops_coords_top_left", "target_size", "timesteps"):
             if out[name] is not None:
                 out[name] = list(out[name])
         return {k: v for k, v in out.items() if v is not None}

@@ -57,7 +57,10 @@ class Denoise:
                 failures.append((image, exc))
                 continue
             image.latents = result.prev_sample
+            # the step's prediction of the clean latents (LCM names it "denoised")
             image.denoised = getattr(result, "pred_original_sample", None)
+            if image.denoised is None:
+                image.denoised = getattr(result, "denoised", None)
             image.step += 1
             image.steps_done += 1
             keep_unmasked(image)

@@ -76,14 +76,24 @@ class Phase:
 
     # -- per image ---------------------------------------------------------------------------
     def new_scheduler(self, request: GenerationRequest, seed: int):
-        return build_scheduler(request.scheduler, self.scheduler_config, [seed], self.scheduler_family)
+        return build_scheduler(request.scheduler, self.scheduler_config, [seed], self.scheduler_family,
+                               request.timestep_spacing)
+
+    def set_timesteps(self, scheduler, request: GenerationRequest, **kwargs: Any) -> None:
+        """The pipelines' retrieve_timesteps: the request's timesteps outright, else its step count."""
+        if request.timesteps is not None:
+            scheduler.set_timesteps(timesteps=list(request.timesteps), device=self.device, **kwargs)
+        else:
+            scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
 
     def schedule(self, scheduler, timesteps: torch.Tensor, rows: Rows, generator: torch.Generator,
-                 begin: Any = None) -> Schedule:
+                 begin: Any = None, eta: float | None = None) -> Schedule:
+        """``eta``: the request's; None, the pipelines' default 0.0."""
         kwargs: dict[str, Any] = {}
-        if self.passes_step_kwargs:  # the pipeline's prepare_extra_step_kwargs, with its eta default
+        if self.passes_step_kwargs:  # the pipeline's prepare_extra_step_kwargs
             accepted = _step_parameters(type(scheduler))
-            kwargs = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
+            eta = 0.0 if eta is None else eta
+            kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
         return Schedule(self, rows, scheduler, timesteps, [float(t) for t in timesteps.tolist()], kwargs, begin)
 
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:

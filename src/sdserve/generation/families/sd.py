@@ -25,9 +25,9 @@ class StableDiffusionPhase(Phase):
 
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         scheduler = self.new_scheduler(request, image_seed)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        self.set_timesteps(scheduler, request)
         timesteps = scheduler.timesteps if request.image is None else self.from_strength(scheduler, request)
-        return self.schedule(scheduler, timesteps, rows, generator)
+        return self.schedule(scheduler, timesteps, rows, generator, eta=request.eta)
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype

@@ -123,7 +123,7 @@ class _SDXLPhase(Phase):
 class SDXLBasePhase(_SDXLPhase):
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         scheduler = self.new_scheduler(request, image_seed)
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        self.set_timesteps(scheduler, request)
         if request.image is not None:
             timesteps = self.from_strength(scheduler, request)
         else:
@@ -135,7 +135,7 @@ class SDXLBasePhase(_SDXLPhase):
             total = scheduler.config.num_train_timesteps
             cutoff = int(round(total - request.high_noise_frac * total))
             timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
-        return self.schedule(scheduler, timesteps, rows, generator)
+        return self.schedule(scheduler, timesteps, rows, generator, eta=request.eta)
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
@@ -150,7 +150,7 @@ class SDXLRefinerPhase(_SDXLPhase):
         """The img2img pipeline's get_timesteps: from ``denoising_start`` (ensemble) or ``strength``."""
         scheduler = self.new_scheduler(request, image_seed)
         steps = request.num_inference_steps
-        scheduler.set_timesteps(steps, device=self.device)
+        self.set_timesteps(scheduler, request)  # custom timesteps never reach a refiner (validation.py)
         if request.refiner is RefinerMode.ENSEMBLE:
             total = scheduler.config.num_train_timesteps
             cutoff = int(round(total - request.high_noise_frac * total))
@@ -165,7 +165,8 @@ class SDXLRefinerPhase(_SDXLPhase):
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         renoise = request.refiner is RefinerMode.REFINE  # img2img adds noise unless denoising_start is given
-        return self.schedule(scheduler, timesteps, rows, generator, begin=timesteps[:1].repeat(1) if renoise else None)
+        return self.schedule(scheduler, timesteps, rows, generator, begin=timesteps[:1].repeat(1) if renoise else None,
+                             eta=request.eta)
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
