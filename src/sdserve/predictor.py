@@ -20,7 +20,7 @@ import kserve
 from kserve import InferRequest
 from kserve.errors import InvalidInput
 
-from . import metrics, model_store, optimize, storage
+from . import metrics, model_store, optimize, recipes, storage
 from .adapters import Adapters
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .generation import Engine, EngineSettings, ModelBackend
@@ -43,6 +43,7 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     default_steps: int | None = None
+    fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: model_store.LoadOptions = model_store.LoadOptions()
     optimizations: Optimizations = Optimizations()
@@ -113,7 +114,8 @@ class SDModel(kserve.Model):
         dtype = model_store.resolve_dtype(s.dtype, device)
         self.loaded = model_store.load(layout, device, dtype, s.default_steps, s.load_options)
         lora_dir = Path(storage.local_path(s.lora_dir, s.download_dir)) if s.lora_dir else Path(model_dir) / "loras"
-        self.adapters = Adapters(lora_dir)
+        caps = self.loaded.capabilities
+        self.adapters = Adapters(lora_dir, check=recipes.checker(self.limits, caps), fuse=s.fuse_lora)
         self.adapters.load_all(self.loaded.base)
         self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
@@ -124,7 +126,7 @@ class SDModel(kserve.Model):
         if done:
             log.info("optimisations: %s", ", ".join(done))
         log.info(
-            "model %s loaded in %.1f s: %s%s on %s (%s)%s",
+            "model %s loaded in %.1f s: %s%s on %s (%s)%s%s",
             self.name,
             time.perf_counter() - started,
             self.loaded.capabilities.pipeline_class,
@@ -132,6 +134,8 @@ class SDModel(kserve.Model):
             device,
             dtype,
             f", LoRA adapters: {', '.join(self.adapters.names())}" if self.adapters.names() else "",
+            f", fused LoRA {self.adapters.fused.name} (scale {self.adapters.fused.scale:g})"
+            if self.adapters.fused else "",
         )
         return ModelBackend(self.loaded, self.adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all")
 
@@ -190,7 +194,7 @@ class SDModel(kserve.Model):
     def describe(self) -> dict[str, Any]:
         """What is served: shown by GET /v1/models/<name> and in the v2 model metadata."""
         caps = self.loaded.capabilities
-        return {
+        out = {
             "pipeline": caps.pipeline_class,
             "refiner": caps.has_refiner,
             "default_size": [caps.default_width, caps.default_height],
@@ -199,6 +203,12 @@ class SDModel(kserve.Model):
             "inputs": ["image"] if caps.needs_image else ["image", "mask"] if caps.needs_mask else
             ["text", "image", "mask"],
         }
+        if self.adapters is not None:  # each only when there is something to show
+            if found := self.adapters.recipes():
+                out["recipes"] = {name: recipe.describe() for name, recipe in found.items()}
+            if self.adapters.fused is not None:
+                out["fused_lora"] = self.adapters.fused.describe()
+        return out
 
     def get_input_types(self) -> list[dict]:
         return v2.INPUT_METADATA

@@ -8,6 +8,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from .adapters import parse_fuse_lora
 from .generation import EngineSettings
 from .model_store import LoadOptions
 from .optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "configs and tokenizers (default: <model_dir>/config)")
     model.add_argument("--lora_dir", default=None,
                        help="folder of LoRA adapters, one sub-folder per name (default: <model_dir>/loras)")
+    model.add_argument("--fuse_lora", default=None, metavar="NAME[:SCALE]",
+                       help="fuse this LoRA adapter into the base weights at start-up (SCALE default: its "
+                       "recipe's scale, else 1): no per-step LoRA cost, requests cannot name it, and its "
+                       "sdserve.json recipe becomes the default of every request")
     model.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="small GPUs: keep weights in host memory and move whole models (model) or layers "
                        "(sequential) to the GPU when used")
@@ -151,6 +156,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                 ModelSettings,
                 args,
                 load_options=_from_args(LoadOptions, args),
+                fuse_lora=parse_fuse_lora(args.fuse_lora),
                 optimizations=_from_args(Optimizations, args, warmup=parse_sizes(args.warmup)),
             ),
             limits=_from_args(Limits, args),

@@ -18,8 +18,9 @@ from kserve.errors import InvalidInput
 from . import image_input
 from .fields import AdapterCatalog, field_keys
 from .parameters import default_size, inline_definitions, parameters_model, validate
+from .recipes import apply_recipes
 from .request import GenerationRequest, Limits, ModelCapabilities, RefinerMode
-from .schedulers import min_steps
+from .schedulers import default_eta, max_steps, min_steps, sampler_fields, samplers_taking
 
 # Fields only some model families read; the others would silently ignore them, so they are refused.
 FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -30,7 +31,13 @@ FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
     "original_size": ("sdxl",),
     "crops_coords_top_left": ("sdxl",),
     "target_size": ("sdxl",),
+    # the SD and SDXL pipelines' eta and timesteps arguments; SD3's flow samplers have no spacing
+    "eta": ("sd", "sdxl"),
+    "timestep_spacing": ("sd", "sdxl"),
+    "timesteps": ("sd", "sdxl"),
 }
+# Request fields that only some samplers read (schedulers.sampler_fields).
+SAMPLER_FIELDS = ("eta", "timestep_spacing", "timesteps")
 
 
 class NoAdapters:
@@ -89,6 +96,7 @@ class RequestParser:
         """Validate ``values``; ``where`` prefixes field names in errors (e.g. ``instances[2].``)."""
         if not isinstance(values, Mapping):
             raise InvalidInput(f"{where or 'request'}: expected an object of generation parameters")
+        values = apply_recipes(values, self.adapters, where)  # adapter recipes fill fields left out
         v = Given(*validate(self.parameters, values, where, self.adapters), where)
         lim, model = self.limits, self.model
         for name, families in FAMILY_FIELDS.items():
@@ -104,6 +112,14 @@ class RequestParser:
                     raise InvalidInput(
                         f"{v.label(name)}: the T5 encoder is not loaded (--drop_t5), so it would have no effect"
                     )
+        scheduler = v.scheduler
+        takes = sampler_fields(scheduler, model.scheduler_class, model.scheduler_family)
+        for name in SAMPLER_FIELDS:
+            if v.has(name) and name not in takes:
+                raise InvalidInput(
+                    f"{v.label(name)}: the {scheduler or model.scheduler_class} scheduler does not take it; "
+                    f"schedulers that do: {', '.join(samplers_taking(name, model.scheduler_family))}"
+                )
 
         start = self._start_image(v)
         width, height = v.width, v.height
@@ -119,9 +135,9 @@ class RequestParser:
                 f"{where}width x height: {width}x{height} = {width * height} pixels exceeds the "
                 f"server limit of {lim.max_pixels} pixels"
             )
-        steps = v.num_inference_steps
+        steps = self._steps(v, start)
         mask = self._mask(v, start)
-        refiner = self._refiner(v, inpaint=mask is not None)
+        refiner = self._refiner(v, inpaint=mask is not None, custom=v.has("timesteps"))
         strength = self._strength(v, start, mask, steps)
         high_noise_frac, refiner_strength = v.high_noise_frac, v.refiner_strength
         if refiner is RefinerMode.REFINE and int(steps * refiner_strength) < 1:
@@ -129,12 +145,17 @@ class RequestParser:
                 f"{v.label('refiner_strength')}: {refiner_strength} of {steps} steps leaves the refiner no "
                 f"step; raise refiner_strength or num_inference_steps"
             )
-        scheduler = v.scheduler
         fewest = min_steps(scheduler, model.scheduler_class, model.scheduler_family)
         if steps < fewest:
             raise InvalidInput(
                 f"{v.label('num_inference_steps')}: the {scheduler or model.scheduler_class} scheduler "
                 f"needs at least {fewest} steps, got {steps}"
+            )
+        most = max_steps(scheduler, model.scheduler_class, model.scheduler_family)
+        if most is not None and steps > most and not v.has("timesteps"):  # a custom schedule may be longer
+            raise InvalidInput(
+                f"{v.label('num_inference_steps')}: the {scheduler or model.scheduler_class} scheduler "
+                f"runs at most {most} steps (its original_inference_steps), got {steps}"
             )
         if refiner is RefinerMode.ENSEMBLE and steps < 2:
             raise InvalidInput(
@@ -164,6 +185,9 @@ class RequestParser:
             seed=secrets.randbits(63) if v.seed == -1 else v.seed,
             num_images=v.num_images,
             scheduler=scheduler,
+            eta=v.eta if v.has("eta") else default_eta(scheduler, model.scheduler_class, model.scheduler_family),
+            timestep_spacing=v.timestep_spacing,
+            timesteps=v.timesteps,
             refiner=refiner,
             high_noise_frac=high_noise_frac,
             refiner_strength=refiner_strength,
@@ -214,13 +238,40 @@ class RequestParser:
                                f"{start.size[0]}x{start.size[1]}; they must match")
         return mask
 
-    def _refiner(self, v: Given, inpaint: bool) -> RefinerMode:
-        """Inpainting runs on the base model alone: it defaults to, and allows only, none."""
+    def _steps(self, v: Given, start) -> int:
+        """num_inference_steps, or the length of the timesteps given outright (text-to-image only:
+        an image's strength picks its steps from a schedule the server makes)."""
+        if not v.has("timesteps"):
+            return v.num_inference_steps
+        count = len(v.timesteps)
+        if v.has("num_inference_steps") and v.num_inference_steps != count:
+            raise InvalidInput(
+                f"{v.label('num_inference_steps')}: {v.num_inference_steps} disagrees with the {count} timesteps "
+                f"given; give either, or both agreeing"
+            )
+        if start is not None:
+            raise InvalidInput(
+                f"{v.label('timesteps')}: a custom schedule is for text-to-image only; with an image, give "
+                f"num_inference_steps and strength"
+            )
+        if v.has("timestep_spacing"):
+            raise InvalidInput(
+                f"{v.label('timestep_spacing')}: timesteps set the schedule outright, so a spacing would have "
+                f"no effect; give one of them"
+            )
+        return count
+
+    def _refiner(self, v: Given, inpaint: bool, custom: bool) -> RefinerMode:
+        """Inpainting and custom timesteps run on the base model alone: they default to, and allow
+        only, none (the refiner's part of a schedule is cut from the base's)."""
         if not v.has("refiner") or v.refiner is True:
-            return RefinerMode.ENSEMBLE if self.model.has_refiner and not inpaint else RefinerMode.NONE
+            base_only = inpaint or custom
+            return RefinerMode.ENSEMBLE if self.model.has_refiner and not base_only else RefinerMode.NONE
         mode = RefinerMode.NONE if v.refiner is False else RefinerMode(v.refiner)
         if mode is not RefinerMode.NONE and inpaint:
             raise InvalidInput(f"{v.label('refiner')}: inpainting (a mask) runs on the base model only; allowed: none")
+        if mode is not RefinerMode.NONE and custom:
+            raise InvalidInput(f"{v.label('refiner')}: custom timesteps run on the base model only; allowed: none")
         return mode
 
     def _strength(self, v: Given, start, mask, steps: int) -> float | None:
