@@ -38,3 +38,16 @@ def test_harness_runs_on_cpu(tmp_path):
     assert result.with_suffix(".md").read_text().startswith("# sdserve benchmark")
     assert set(report["server"]["mixed_traffic"]["mixed"]["latency_by_steps"]) == {"2", "6"}
     assert "9. step-level scheduling" in result.with_suffix(".log").read_text()
+
+
+def test_few_step_bench_runs_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "few_step.py"), "--device", "cpu", "--runs", "1", "--steps", "4",
+                          "--size", "128", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("few-step-cpu-*.json")
+    report = json.loads(result.read_text())
+    assert set(report["results"]) == {"guidance 1.0 ÷ guidance 7, same steps", "guidance 1.0 ÷ guidance 7, twice the steps",
+                                      "guidance 1.0 ÷ guidance 7, per denoising step",
+                                      "4-step LCM (guidance 1.0) ÷ 30-step default"}
+    assert all(r["ratio"] > 0 for name, r in report["results"].items() if "per denoising step" not in name)
+    assert result.with_suffix(".md").read_text().startswith("# sdserve few-step benchmark")
