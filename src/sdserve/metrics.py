@@ -31,3 +31,6 @@ REQUEST_SECONDS = Histogram(
 REQUESTS = Counter("sdserve_requests", "Generation requests received", ["protocol"])
 FAILURES = Counter("sdserve_request_failures", "Requests that failed, by reason", ["reason"])
 OOM_RETRIES = Counter("sdserve_oom_retries", "Denoiser or VAE calls that ran out of memory and were retried in halves")
+OPEN_STREAMS = Gauge("sdserve_open_streams", "OpenAI image streams (stream: true) open now")
+FIRST_PARTIAL_SECONDS = Histogram("sdserve_time_to_first_partial_image_seconds", "Time from a streamed request "
+                                  "parsed to its first partial image ready to send", buckets=_SECONDS)

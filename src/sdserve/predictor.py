@@ -2,7 +2,8 @@
 
 ``load()`` starts the engine, whose worker loads the model (once, before the server opens its
 ports); ``predict()`` hands a v1 dict or a v2 ``InferRequest`` to its protocol adapter, and
-``generate_openai()`` does the same for the OpenAI route.
+``generate_openai()`` does the same for the OpenAI route (or, with ``stream: true``, queues the
+request and gives back its event stream).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from .adapters import Adapters
 from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .generation import Engine, EngineSettings, ModelBackend
 from .generation.policy import buckets
+from .generation.preview import Previewer, PreviewError
 from .optimize import Optimizations
 from .prompts import counting_tokenizers, prompt_warnings
 from .protocol import openai_images, v1, v2
+from .protocol.openai_stream import ImageStream
 from .request import GenerationRequest, Limits
 from .validation import RequestParser
 
@@ -92,6 +95,7 @@ class SDModel(kserve.Model):
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
+        self.previewer: Previewer | None = None  # built at the first request for partial images
 
     def load(self) -> bool:
         """Load, optimise and warm up on the worker thread, and return once it can generate.
@@ -232,8 +236,9 @@ class SDModel(kserve.Model):
         protocol = "grpc" if payload.from_grpc else "v2"
         return await self._tracked(protocol, headers, request_id, lambda call: self._predict_v2(payload, call))
 
-    async def generate_openai(self, body: Any, headers: dict[str, str], request_id: str) -> dict:
-        """The OpenAI Images API route's work (the route itself lives in routes.py)."""
+    async def generate_openai(self, body: Any, headers: dict[str, str], request_id: str) -> dict | ImageStream:
+        """The OpenAI Images API route's work (the route itself lives in routes.py): the response
+        body, or for ``stream: true`` the stream of a request already queued."""
         return await self._tracked("openai", headers, request_id, lambda call: self._predict_openai(body, call))
 
     def _admit(self, headers: dict[str, str], request_id: str) -> Call:
@@ -271,7 +276,8 @@ class SDModel(kserve.Model):
         except (DeadlineExceeded, ImageTooLarge, ShuttingDown, QueueFull) as exc:
             log.info("request %s: %s", request_id, exc)
             raise
-        metrics.REQUEST_SECONDS.labels(protocol=protocol).observe(time.perf_counter() - started)
+        if not isinstance(response, ImageStream):  # a stream times itself, when it ends
+            metrics.REQUEST_SECONDS.labels(protocol=protocol).observe(time.perf_counter() - started)
         return response
 
     def _warnings(self, requests) -> list[list[str]]:
@@ -292,8 +298,34 @@ class SDModel(kserve.Model):
         results = await self.batch_engine.generate(parsed.requests, call.request_id, call.timeout_s)
         return await asyncio.to_thread(v2.encode_response, parsed, results, self.name, warnings)
 
-    async def _predict_openai(self, body: Any, call: Call) -> dict:
-        request = openai_images.parse_openai(body, self.parser, self.name)
+    async def _predict_openai(self, body: Any, call: Call) -> dict | ImageStream:
+        parsed = openai_images.parse_openai_request(body, self.parser, self.name)
+        request = parsed.request
         (warnings,) = self._warnings([request])
+        if parsed.stream is not None:
+            previewer = self._previewer() if parsed.stream.partial_images else None
+            stream = ImageStream(parsed, self.name, call.request_id, call.timeout_s, previewer,
+                                 self._prompt_tokens(request), warnings)
+            stream.submit(self.batch_engine)  # a full queue is still a plain 503, before any event
+            return stream
         (result,) = await self.batch_engine.generate([request], call.request_id, call.timeout_s)
         return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name, warnings)
+
+    def _previewer(self) -> Previewer:
+        """The cheap latent-to-RGB map for partial images (never the model's VAE)."""
+        if self.previewer is None:
+            base = self.loaded.base
+            try:
+                self.previewer = Previewer(self.loaded.capabilities.family, base.vae.config.latent_channels,
+                                           getattr(base, "vae_scale_factor", 8), device=self.loaded.device)
+            except PreviewError as exc:
+                raise InvalidInput(f"partial_images: this model has no previews ({exc}); leave it 0") from None
+        return self.previewer
+
+    def _prompt_tokens(self, request: GenerationRequest) -> int:
+        """The prompt's tokens as the first text encoder's tokenizer counts them (start and end
+        markers included, before truncation): the text_tokens of a stream's usage."""
+        tokenizer = self.tokenizers.get("tokenizer") or self.tokenizers.get("tokenizer_2")
+        if tokenizer is None or not request.prompt:
+            return 0
+        return len(tokenizer(request.prompt, truncation=False, verbose=False).input_ids)

@@ -13,7 +13,7 @@ import uuid
 from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from kserve.errors import InvalidInput
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from .errors import ServingError
 from .predictor import SDModel
 from .protocol.openai_images import EditForm, ModelNotServed, error_body
+from .protocol.openai_stream import EventStreamResponse, ImageStream
 
 OPENAI_PREFIX = "/openai/v1"
 _STARTED = int(time.time())
@@ -30,8 +31,9 @@ _MAX_PART_BYTES = 1 << 30  # per form part; the whole body is bounded by --max_b
 def register(app: FastAPI, model: SDModel) -> None:
     router = APIRouter()
 
-    async def openai_answer(request: Request, read_body) -> JSONResponse:
-        """Run one OpenAI images request; ``read_body`` gives the body, or an error message."""
+    async def openai_answer(request: Request, read_body) -> JSONResponse | EventStreamResponse:
+        """Run one OpenAI images request; ``read_body`` gives the body, or an error message. A bad
+        request is a JSON error even with ``stream: true``: it is checked before any event."""
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         headers = {"x-request-id": request_id}
         body, problem = await read_body(request)
@@ -45,14 +47,18 @@ def register(app: FastAPI, model: SDModel) -> None:
             return JSONResponse(error_body(str(exc), "invalid_request_error", "model_not_found"), 404, headers)
         except ServingError as exc:
             return JSONResponse(error_body(str(exc), "server_error"), exc.http_status, {**headers, **exc.headers()})
+        if isinstance(response, ImageStream):
+            # no-cache and X-Accel-Buffering: proxies (nginx) must pass each event on as it comes
+            return EventStreamResponse(response, headers={**headers, "cache-control": "no-cache",
+                                                                  "x-accel-buffering": "no"})
         return JSONResponse(response, headers=headers)
 
     @router.post(f"{OPENAI_PREFIX}/images/generations")
-    async def images_generations(request: Request) -> JSONResponse:
+    async def images_generations(request: Request) -> Response:
         return await openai_answer(request, _json_body)
 
     @router.post(f"{OPENAI_PREFIX}/images/edits")
-    async def images_edits(request: Request) -> JSONResponse:
+    async def images_edits(request: Request) -> Response:
         return await openai_answer(request, _edit_form)
 
     @router.get("/v2/health/ready")
