@@ -153,7 +153,7 @@ def test_a_stuck_worker_turns_readiness_and_liveness_false(models, start_server)
 
 
 def test_sigterm_drains_then_exits(models, start_server):
-    server = start_server("--model_dir", str(models["sdxl"]), "--grace_period", "60", model_name="drain")
+    server = start_server("--model_dir", str(models["sdxl"]), "--grace_period", "120", model_name="drain")
     slow = {"instances": [{"prompt": "in flight", "width": 1024, "height": 1024, "num_inference_steps": 60}]}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         running = pool.submit(server.predict, slow)
