@@ -59,7 +59,7 @@ def test_fill_the_form_generate_and_see_images_with_seeds(page, sdxl_server, tmp
     page.fill("#seed", "123")
     page.fill("#num_images", "2")
     curl = page.locator("#curl").inner_text()
-    assert '"prompt":"a paper boat on a pond"' in curl and '"seed":123' in curl and "/v1/models/sdxl:predict" in curl
+    assert '"prompt":"a paper boat on a pond"' in curl and '"seed":123' in curl and "/openai/v1/images/generations" in curl
     page.click("#generate")
     page.wait_for_selector("figure img", timeout=60_000)
     page.wait_for_function("document.querySelectorAll('figure img').length === 2")
@@ -126,9 +126,9 @@ def test_upload_an_image_paint_a_mask_and_inpaint(page, sdxl_server, tmp_path):
     assert page.locator("#strength-value").inner_text() == "0.60"
     (tmp_path / "image-input-painted.png").write_bytes(page.screenshot(full_page=True))
 
-    with page.expect_request(lambda r: r.url.endswith("/v1/models/sdxl:predict")) as sent:
+    with page.expect_request(lambda r: r.url.endswith("/openai/v1/images/generations")) as sent:
         page.click("#generate")
-    instance = sent.value.post_data_json["instances"][0]
+    instance = sent.value.post_data_json
     assert instance["strength"] == 0.6 and "width" not in instance and "height" not in instance
     assert _data_url_image(instance["image"]).tobytes() == make_image(128, 128, seed=3).tobytes()
     mask = np.asarray(_data_url_image(instance["mask"]).convert("L"))
@@ -158,9 +158,9 @@ def test_dropped_image_without_a_mask_is_img2img_and_can_be_removed(page, sdxl_s
     assert "drop.png: 160×96" in page.locator("#image-hint").inner_text()
     assert "@request.json" in page.locator("#curl").inner_text() and page.is_visible("#request-json")
 
-    with page.expect_request(lambda r: r.url.endswith(":predict")) as sent:
+    with page.expect_request(lambda r: r.url.endswith("/openai/v1/images/generations")) as sent:
         page.click("#generate")
-    instance = sent.value.post_data_json["instances"][0]
+    instance = sent.value.post_data_json
     assert instance["image"] == f"data:image/png;base64,{png}"  # the file as it was
     assert "mask" not in instance and instance["strength"] == 0.8
     page.wait_for_function("document.querySelector('figure img')?.naturalWidth === 160", timeout=60_000)
@@ -174,7 +174,7 @@ def test_dropped_image_without_a_mask_is_img2img_and_can_be_removed(page, sdxl_s
     with page.expect_download() as download:
         page.click("#request-json")
     download.value.save_as(tmp_path / "request.json")
-    assert json.loads((tmp_path / "request.json").read_text())["instances"][0]["image"].endswith(png)
+    assert json.loads((tmp_path / "request.json").read_text())["image"].endswith(png)
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", page.locator("#curl").inner_text()], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("seed "), run.stderr
@@ -233,13 +233,13 @@ def test_controls_follow_the_server_schema(page, limited_server, tmp_path):
     page.select_option("#refiner", "refine")
     page.select_option("#format", "webp")
     assert f'"scheduler":"{chosen}"' in page.locator("#curl").inner_text()
-    with page.expect_response(lambda r: r.url.endswith("/v1/models/sdxl:predict"), timeout=60_000) as answer:
+    with page.expect_response(lambda r: r.url.endswith("/openai/v1/images/generations"), timeout=60_000) as answer:
         page.click("#generate")
-    instance = answer.value.request.post_data_json["instances"][0]
-    assert instance == {"prompt": instance["prompt"], "width": 128, "num_inference_steps": 4, "seed": 5,
-                        "scheduler": chosen, "refiner": "refine", "format": "webp"}
-    parameters = answer.value.json()["predictions"][0]["parameters"]
-    assert (parameters["scheduler"], parameters["refiner"], parameters["format"]) == (chosen, "refine", "webp")
+    instance = answer.value.request.post_data_json  # the OpenAI route's names for format (and n)
+    assert instance == {"model": "sdxl", "prompt": instance["prompt"], "width": 128, "num_inference_steps": 4,
+                        "seed": 5, "scheduler": chosen, "refiner": "refine", "output_format": "webp",
+                        "stream": True, "stream_progress": True, "partial_images": 2}
+    assert answer.value.ok and answer.value.headers["content-type"].startswith("text/event-stream")
     page.wait_for_function("document.querySelector('figure img')?.naturalWidth === 128", timeout=60_000)
     assert page.get_attribute("figure img", "src").startswith("data:image/webp;base64,")
     assert "4 steps" in page.locator("#status").inner_text()
@@ -266,9 +266,9 @@ def test_without_the_schema_the_page_still_works(page, limited_server):
         page.fill("#num_inference_steps", "3")
         page.fill("#width", "64")
         page.fill("#scheduler", "euler_a")
-        with page.expect_request(lambda r: r.url.endswith(":predict")) as sent:
+        with page.expect_request(lambda r: r.url.endswith("/openai/v1/images/generations")) as sent:
             page.click("#generate")
-        assert sent.value.post_data_json["instances"][0]["scheduler"] == "euler_a"
+        assert sent.value.post_data_json["scheduler"] == "euler_a"
         page.wait_for_function("document.querySelector('figure img')?.naturalWidth === 64", timeout=60_000)
         page.fill("#num_inference_steps", "9")
         page.click("#generate")

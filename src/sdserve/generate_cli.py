@@ -1,8 +1,11 @@
 """``sdserve generate "prompt" -o out.png``: images from a terminal.
 
 Against a running server (``--url``, KServe v1 or the OpenAI route) or one-shot on this machine
-without a server (``--model_dir``, with a progress bar). Files are PNG (or JPEG/WebP by extension);
-PNGs carry the parameters that reproduce them, and several images get their seed in the name.
+without a server (``--model_dir``). A progress bar on stderr (on a terminal, or with ``--progress``)
+shows the queue position, then the steps: against a server it is fed by the OpenAI route's event
+stream (``stream: true, stream_progress: true``), whichever ``--api`` is asked for. Files are PNG
+(or JPEG/WebP by extension); PNGs carry the parameters that reproduce them, and several images get
+their seed in the name.
 ``--image`` starts from a picture (img2img), ``--mask`` repaints only its white parts (inpainting).
 ``--show_parameters`` prints the request fields with their allowed values: the server's (its request
 schema) or, with ``--model_dir``, the local parser's. The CLI keeps no copy of them: what a flag may
@@ -54,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name", default="sdxl", help="model name on the server")
     parser.add_argument("--token", help="bearer token (e.g. `oc whoami -t` behind OpenShift AI's auth)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar on stderr: the queue position, then the steps (default: when "
+                        "stderr is a terminal); against a server it streams from the OpenAI route, whatever --api")
     parser.add_argument("--show_parameters", action="store_true",
                         help="print each request field's type, default and allowed values, as the server "
                         "(--url) or this machine (--model_dir) takes them, and exit")
@@ -86,14 +92,113 @@ def _server(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     return url, {"Authorization": f"Bearer {args.token}"} if args.token else {}
 
 
-def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+def _openai_body(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+    """The request for the OpenAI generations route: sdserve's fields, with n and output_format."""
+    params = dict(params)
+    body = {"model": args.model_name, "prompt": args.prompt, "output_format": params.pop("format"), **params}
+    if "num_images" in body:
+        body["n"] = body.pop("num_images")
+    return body
+
+
+def sse_events(lines):
+    """(event, data) of server-sent event lines; comments (keep-alives) skipped."""
+    event, data = None, []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    if data:
+        yield event, json.loads("\n".join(data))
+
+
+class StreamProgress:
+    """The tqdm bar of a streamed request: the queue position while it waits, then the steps of
+    all its images (each image's steps summed)."""
+
+    def __init__(self, images: int):
+        from tqdm.auto import tqdm
+
+        self.images = images
+        self.steps: dict[int, tuple[int, int]] = {}  # image index -> (step, steps)
+        self.bar = tqdm(unit="step", desc="waiting", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, data: dict[str, Any]) -> None:
+        if data.get("queue_position") is not None:
+            self.bar.set_description(f"queued (position {data['queue_position']})")
+            return
+        if data.get("steps") is None or data.get("image_index") is None:
+            return
+        self.steps[data["image_index"]] = (int(data["step"]), int(data["steps"]))
+        each = max(steps for _, steps in self.steps.values())
+        total = sum(steps for _, steps in self.steps.values()) + each * max(0, self.images - len(self.steps))
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.set_description("denoising", refresh=False)
+        self.bar.n = sum(step for step, _ in self.steps.values())
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _error_message(response) -> str:
+    try:
+        answer = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        return answer["error"].get("message", answer["error"])
+    return answer.get("error", answer) if isinstance(answer, dict) else answer
+
+
+def generate_streamed(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+    """The OpenAI generations route with ``stream: true, stream_progress: true``: a progress bar
+    from its events, and the completed images (byte for byte those of a plain request)."""
     import httpx
 
     url, headers = _server(args)
+    body = {**_openai_body(args, params), "stream": True, "stream_progress": True}
+    images: dict[int, tuple[bytes, int]] = {}
+    bar = StreamProgress(int(body.get("n", 1)))
+    try:
+        with httpx.stream("POST", f"{url}/openai/v1/images/generations", json=body, headers=headers,
+                          timeout=args.timeout) as response:
+            if response.status_code != 200:
+                response.read()
+                raise SystemExit(f"error {response.status_code}: {_error_message(response)}")
+            for event, data in sse_events(response.iter_lines()):
+                if event == "sdserve.progress":
+                    bar.update(data)
+                elif event == "image_generation.completed":
+                    images[data["image_index"]] = (base64.b64decode(data["b64_json"]), data["seed"])
+                elif event == "error":
+                    error = data.get("error", {})
+                    raise SystemExit(f"error: {error.get('message', error)}")
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"error: {url}: {exc}") from None
+    finally:
+        bar.close()
+    if not images:
+        raise SystemExit("error: the server's stream ended without an image")
+    return [images[i] for i in sorted(images)]
+
+
+def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
+    import httpx
+
+    if args.progress:
+        return generate_streamed(args, params)
+    url, headers = _server(args)
     if args.api == "openai":
-        body = {"model": args.model_name, "prompt": args.prompt, "output_format": params.pop("format"), **params}
-        if "num_images" in body:
-            body["n"] = body.pop("num_images")
+        body = _openai_body(args, params)
         response = httpx.post(f"{url}/openai/v1/images/generations", json=body, headers=headers, timeout=args.timeout)
         answer = response.json()
         if response.status_code != 200:
@@ -140,7 +245,7 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
         request = model.parser.parse({"prompt": args.prompt, **params})
     except InvalidInput as exc:
         raise SystemExit(f"error: {exc.reason}") from None
-    with tqdm(unit="step", desc="denoising", file=sys.stderr) as bar:
+    with tqdm(unit="step", desc="denoising", file=sys.stderr, disable=args.progress is False) as bar:
         def progress(p: Progress) -> None:  # the engine's progress hook: one call per image and step
             bar.total = p.steps * request.num_images
             bar.update(1)
@@ -270,6 +375,8 @@ def main(argv: list[str]) -> None:
     if args.lora:
         params["loras"] = [_lora(spec) for spec in args.lora]
     params["format"] = EXTENSIONS.get(Path(args.output).suffix.lower(), "png")
+    if args.progress is None and not args.model_dir:
+        args.progress = sys.stderr.isatty()
     images = generate_local(args, params) if args.model_dir else generate_remote(args, params)
     for (data, seed), path in zip(images, output_paths(args.output, [s for _, s in images])):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ class ModelSettings:
     refiner_dir: str | None = None
     config_dir: str | None = None  # diffusers configs for a single-file checkpoint
     lora_dir: str | None = None  # default: <model_dir>/loras
+    preview_vae: str | None = None  # --preview_vae: AutoencoderTiny folder for partial images
     device: str = "auto"
     dtype: str = "auto"
     default_steps: int | None = None
@@ -95,7 +96,8 @@ class SDModel(kserve.Model):
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
-        self.previewer: Previewer | None = None  # built at the first request for partial images
+        self.previewer: Previewer | None = None  # built at model load, for partial images
+        self.preview_error: str | None = None  # why this model has no previews (previewer None)
 
     def load(self) -> bool:
         """Load, optimise and warm up on the worker thread, and return once it can generate.
@@ -123,6 +125,7 @@ class SDModel(kserve.Model):
         self.adapters.load_all(self.loaded.base)
         self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
+        self._build_previewer()
         opts = s.optimizations
         done = optimize.apply(self.loaded.base, opts)
         if self.loaded.refiner is not None:
@@ -311,15 +314,37 @@ class SDModel(kserve.Model):
         (result,) = await self.batch_engine.generate([request], call.request_id, call.timeout_s)
         return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name, warnings)
 
+    def _build_previewer(self) -> None:
+        """The previewer for partial images (never the model's VAE), built with the model on the
+        worker: the --preview_vae tiny VAE, else the family's linear latent-to-RGB map. A bad
+        --preview_vae stops start-up; a model with no linear map just has no previews."""
+        s, base = self.settings, self.loaded.base
+        vae = getattr(base, "vae", None)
+        if vae is None:
+            self.preview_error = "it has no VAE"
+            if s.preview_vae:
+                raise model_store.ModelStoreError(f"--preview_vae {s.preview_vae}: this model has no VAE to preview")
+            return
+        tiny_vae_dir = storage.local_path(s.preview_vae, s.download_dir) if s.preview_vae else None
+        try:
+            self.previewer = Previewer(self.loaded.capabilities.family, vae.config.latent_channels,
+                                       getattr(base, "vae_scale_factor", 8), tiny_vae_dir=tiny_vae_dir,
+                                       device=self.loaded.device, dtype=self.loaded.dtype)
+        except PreviewError as exc:
+            if s.preview_vae:
+                message = str(exc)
+                if tiny_vae_dir != s.preview_vae:  # downloaded: name the location as given
+                    message = message.replace(tiny_vae_dir, f"{s.preview_vae} ({tiny_vae_dir})", 1)
+                raise model_store.ModelStoreError(message) from None
+            self.preview_error = str(exc)
+            log.info("no partial images for this model: %s", exc)
+            return
+        log.info("partial images: %s", f"tiny VAE {s.preview_vae}" if s.preview_vae else "linear latent-to-RGB map")
+
     def _previewer(self) -> Previewer:
-        """The cheap latent-to-RGB map for partial images (never the model's VAE)."""
+        """The cheap previewer for partial images (never the model's VAE)."""
         if self.previewer is None:
-            base = self.loaded.base
-            try:
-                self.previewer = Previewer(self.loaded.capabilities.family, base.vae.config.latent_channels,
-                                           getattr(base, "vae_scale_factor", 8), device=self.loaded.device)
-            except PreviewError as exc:
-                raise InvalidInput(f"partial_images: this model has no previews ({exc}); leave it 0") from None
+            raise InvalidInput(f"partial_images: this model has no previews ({self.preview_error}); leave it 0")
         return self.previewer
 
     def _prompt_tokens(self, request: GenerationRequest) -> int:

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fuse this LoRA adapter into the base weights at start-up (SCALE default: its "
                        "recipe's scale, else 1): no per-step LoRA cost, requests cannot name it, and its "
                        "sdserve.json recipe becomes the default of every request")
+    model.add_argument("--preview_vae", default=None, metavar="DIR",
+                       help="diffusers AutoencoderTiny folder (or remote location): the TAESD of the model's "
+                       "family (taesd, taesdxl, taesd3), used for the partial images of streamed requests "
+                       "instead of the built-in linear latent-to-RGB map; loaded at start-up")
     model.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                        help="small GPUs: keep weights in host memory and move whole models (model) or layers "
                        "(sequential) to the GPU when used")
