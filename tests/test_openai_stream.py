@@ -14,9 +14,10 @@ import time
 import httpx
 import numpy as np
 import pytest
+from conftest import decode_png, encode, make_image, make_mask
 from PIL import Image
 
-from conftest import decode_png, encode, make_image, make_mask
+from sdserve.generate_cli import sse_events
 
 MAX_STEPS = 2000  # a request that would run for a long time unless it is stopped
 TIMED = 20  # steps of it timed, to know how long the rest would take
@@ -65,20 +66,6 @@ def by_image(events) -> dict[int, list]:
     return out
 
 
-def sse(lines):
-    """(event, data) pairs of raw SSE lines; comments skipped."""
-    event, data = None, []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = None, []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-
-
 def counter(server, name: str, reason: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     found = re.search(rf'^{name}{{reason="{reason}"}} (\S+)$', text, re.M)
@@ -100,8 +87,12 @@ def wait_for(check, timeout: float = 30.0) -> bool:
 
 
 def check_image_events(events, kind: str, n: int, partials: int, output_format: str = "png"):
-    from openai.types import (ImageEditCompletedEvent, ImageEditPartialImageEvent, ImageGenCompletedEvent,
-                              ImageGenPartialImageEvent)
+    from openai.types import (
+        ImageEditCompletedEvent,
+        ImageEditPartialImageEvent,
+        ImageGenCompletedEvent,
+        ImageGenPartialImageEvent,
+    )
 
     partial_cls, completed_cls = ((ImageGenPartialImageEvent, ImageGenCompletedEvent) if kind == "image_generation"
                                   else (ImageEditPartialImageEvent, ImageEditCompletedEvent))
@@ -177,9 +168,13 @@ def test_progress_events_over_raw_http(server):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["x-request-id"] == "s-1"
-        events = list(sse(response.iter_lines()))
+        events = list(sse_events(response.iter_lines()))
     assert all(event == data["type"] for event, data in events)
     progress = [d for e, d in events if e == "sdserve.progress"]
+    queued = [d for d in progress if d["queue_position"] is not None]  # only if it had to wait
+    assert all(d["step"] == 0 and d["steps"] is None and d["queue_position"] >= 0 for d in queued)
+    assert progress[: len(queued)] == queued  # waiting comes first
+    progress = progress[len(queued):]
     assert [d["step"] for d in progress] == list(range(1, 7))
     assert all(d["steps"] == 6 and d["image_index"] == 0 and d["queue_position"] is None for d in progress)
     kinds = [e for e, _ in events if e != "sdserve.progress"]
@@ -222,7 +217,7 @@ def test_a_queued_stream_reports_its_position_and_a_client_that_leaves_stops_its
 
     queued, step_s, left_at, done_at, rest = asyncio.run(run())
     assert queued == {"type": "sdserve.progress", "step": 0, "steps": None, "image_index": None, "queue_position": 0}
-    events = list(sse(rest))
+    events = list(sse_events(rest))
     assert [d["step"] for e, d in events if e == "sdserve.progress" and d["step"]] == list(range(1, 7))
     assert events[-1][0] == "image_generation.completed"
     # The short request ran as soon as the long one stopped, far sooner than the long one's steps.
@@ -256,7 +251,7 @@ def test_a_failure_in_the_stream_is_an_error_event(client, server):
     with httpx.stream("POST", url(server), json={"prompt": "slow", "stream": True, "size": "128x128", "seed": 1,
                                                  "num_inference_steps": MAX_STEPS},
                       headers={"x-request-timeout": "0.5"}, timeout=60) as response:
-        events = list(sse(response.iter_lines()))
+        events = list(sse_events(response.iter_lines()))
     assert [e for e, _ in events] == ["error"]
     assert events[0][1]["type"] == "error" and set(events[0][1]["error"]) == {"message", "type", "param", "code"}
     # the request fails in the step loop: one image too large for the (injected) memory

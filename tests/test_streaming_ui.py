@@ -5,7 +5,6 @@ playground generating on that stream (progress bar, live partial images, reuse s
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import subprocess
@@ -13,8 +12,9 @@ import sys
 
 import httpx
 import pytest
-
 from conftest import Server
+
+from sdserve.generate_cli import sse_events
 from sdserve.imaging import read_metadata
 
 STEPS = 4
@@ -33,20 +33,6 @@ def tiny_vae(folder, latent_channels: int = 4):
     return folder
 
 
-def sse(lines):
-    """(event, data) pairs of raw SSE lines; comments skipped."""
-    event, data = None, []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = None, []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-
-
 @pytest.fixture(scope="module")
 def preview_server(models, start_server, tmp_path_factory):
     folder = tiny_vae(tmp_path_factory.mktemp("taesdxl") / "taesdxl")
@@ -60,7 +46,7 @@ def test_preview_vae_makes_the_partial_images(preview_server):
     with httpx.stream("POST", f"{preview_server.url}/openai/v1/images/generations", json=body,
                       timeout=120) as response:
         assert response.status_code == 200
-        events = list(sse(response.iter_lines()))
+        events = list(sse_events(response.iter_lines()))
     kinds = [event for event, _ in events]
     assert kinds == ["image_generation.partial_image", "image_generation.completed"]
     partial = events[0][1]
