@@ -1,14 +1,18 @@
-"""LoRA adapters: one folder per adapter under ``--lora_dir`` (default ``<model_dir>/loras``), each
-holding diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``, as diffusers'
-DreamBooth LoRA training saves them).
+"""LoRA adapters: one folder per adapter in ``--lora_dir`` (default ``<model_dir>/loras``), a local
+folder or a remote store (``adapter_store.py``: ``s3://...`` and the other schemes the model store
+reads), each holding diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``, as
+diffusers' DreamBooth LoRA training saves them).
 
-All adapters load at start-up as named peft adapters on the base pipeline. A folder added later is
-found the first time a request names it (the listing is re-read at most every few seconds) and
-loaded by the worker when that request is admitted; the base weights stay as they are. Request names
-are only ever compared with the folder names found, never joined into a path.
+A local folder's adapters all load at start-up as named peft adapters on the base pipeline; a
+remote store's are listed at start-up and each is downloaded on first use, by the request thread
+(``fetch``), before its request queues. An adapter added later is found the first time a request
+names it: the store is listed again, at most once every ``rescan_seconds`` (``--lora_relist_seconds``),
+so every replica serves a new upload without a restart. The worker loads it when that request is
+admitted; the base weights stay as they are. Request names are only ever compared with the names
+listed, never joined into a path.
 
 A folder may also hold a recipe (``sdserve.json``, see ``recipes.py``): read and validated at each
-scan; an adapter whose recipe is refused is not offered. ``--fuse_lora NAME[:SCALE]`` fuses one
+listing; an adapter whose recipe is refused is not offered. ``--fuse_lora NAME[:SCALE]`` fuses one
 adapter into the base weights at start-up: requests pay no LoRA cost for it, cannot name it, and
 get its recipe as the server's defaults.
 """
@@ -17,27 +21,19 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from pathlib import Path
 
+from . import metrics
+from .adapter_store import NAME, AdapterFetchError, Listed, LocalStore
 from .fields import LORA_SCALE
-from .model_store import PICKLE_SUFFIXES, ModelStoreError
+from .model_store import ModelStoreError
 from .recipes import RECIPE_FILE, Check, Fused, Recipe, RecipeError, read_recipe
 
 log = logging.getLogger("sdserve")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-def _weights_file(folder: Path) -> Path | None:
-    """The adapter's safetensors file: the diffusers name, or the folder's only safetensors."""
-    if (folder / WEIGHTS).is_file():
-        return folder / WEIGHTS
-    candidates = sorted(folder.glob("*.safetensors"))
-    return candidates[0] if len(candidates) == 1 else None
+__all__ = ["NAME", "AdapterFetchError", "Adapters", "parse_fuse_lora"]
 
 
 def parse_fuse_lora(spec: str | None) -> tuple[str, float | None] | None:
@@ -62,61 +58,75 @@ def parse_fuse_lora(spec: str | None) -> tuple[str, float | None] | None:
 
 
 class Adapters:
-    """The adapters on disk (shared by request threads) and those loaded into the pipeline (the
-    worker thread's business)."""
+    """The adapters in the store (shared by request threads) and those loaded into the pipeline
+    (the worker thread's business)."""
 
-    def __init__(self, lora_dir: Path | None, rescan_seconds: float = 5.0, check: Check | None = None,
+    def __init__(self, store, rescan_seconds: float = 5.0, check: Check | None = None,
                  fuse: tuple[str, float | None] | None = None):
-        """``check`` validates a recipe's generation fields against the loaded model (without it,
+        """``store`` is an ``adapter_store`` store, or a local folder (None: no adapters);
+        ``check`` validates a recipe's generation fields against the loaded model (without it,
         only the recipe's form and keys are checked); ``fuse`` is ``--fuse_lora``, done by
-        :meth:`load_all`."""
-        self.lora_dir = lora_dir
+        :meth:`load_all`. Listing the store fails here (ModelStoreError) when it cannot be read."""
+        self.store = store if hasattr(store, "list") else LocalStore(Path(store) if store is not None else None)
         self.rescan_seconds = rescan_seconds
         self.check = check
         self.fuse = fuse
         self.fused: Fused | None = None
-        self._found: dict[str, Path] = {}
+        self._found: dict[str, Listed] = {}
         self._recipes: dict[str, Recipe] = {}
+        self._local: dict[str, Path] = {}  # adapter -> its weights on local disk, once fetched
         self.refused: dict[str, str] = {}  # adapter -> why its recipe is refused
+        self.list_error: str | None = None  # why the last listing failed; None when it worked
+        self._skipped: dict[str, str] = {}
         self._scanned_at = float("-inf")
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()  # one listing at a time; the others wait for its answer
+        self._fetch_locks: dict[str, threading.Lock] = {}
+        self._failed: set[str] = set()  # adapters whose last fetch failed
         self._loaded: set[str] = set()
         self._active: tuple[tuple[str, float], ...] | None = None  # what the pipeline has on now
         self.scan()
 
-    def scan(self) -> dict[str, Path]:
-        """Re-read the adapter folder; folders with a bad name or no usable weights are skipped
-        with a warning (pickle weights are refused, as for models)."""
-        found: dict[str, Path] = {}
-        if self.lora_dir is not None and self.lora_dir.is_dir():
-            for folder in sorted(p for p in self.lora_dir.iterdir() if p.is_dir()):
-                weights = _weights_file(folder)
-                if not NAME.match(folder.name):
-                    log.warning("LoRA folder %s skipped: names are letters, digits, '.', '_', '-'", folder.name)
-                elif weights is None:
-                    pickles = [f.name for f in folder.iterdir() if f.name.endswith(PICKLE_SUFFIXES)]
-                    reason = f"pickle weights are refused ({', '.join(pickles)})" if pickles else "no single .safetensors file"
-                    log.warning("LoRA folder %s skipped: %s", folder, reason)
-                else:
-                    found[folder.name] = weights
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    def scan(self) -> dict[str, Listed]:
+        """List the store again; folders with a bad name or no usable weights are skipped with a
+        warning (pickle weights are refused, as for models). Raises ModelStoreError when the store
+        cannot be listed."""
+        self._scanned_at = time.monotonic()  # a failed listing waits its turn too
+        try:
+            found, skipped = self.store.list()
+        except ModelStoreError as exc:
+            metrics.LORA_LISTINGS.labels(result="error").inc()
+            self.list_error = str(exc)
+            raise
+        metrics.LORA_LISTINGS.labels(result="ok").inc()
+        self.list_error = None
+        for name, reason in skipped.items():
+            if self._skipped.get(name) != reason:  # said once, not at every listing
+                log.warning("LoRA folder %s in %s skipped: %s", name, self.location, reason)
         recipes, refused = {}, {}
         for name in list(found):
             if self.fused is not None and name == self.fused.name:
                 del found[name]  # in the base weights now
                 continue
+            if found[name].recipe_dir is None:
+                continue
             try:
-                recipe = read_recipe(found[name].parent, self.check)
+                recipe = read_recipe(found[name].recipe_dir, self.check)
             except RecipeError as exc:
                 refused[name] = str(exc)
-                if self.refused.get(name) != refused[name]:  # said once, not at every re-scan
-                    log.warning("LoRA adapter %s not offered: %s refused: %s", name,
-                                found[name].parent / RECIPE_FILE, exc)
+                if self.refused.get(name) != refused[name]:
+                    log.warning("LoRA adapter %s not offered: %s/%s/%s refused: %s", name, self.location.rstrip("/"),
+                                name, RECIPE_FILE, exc)
                 del found[name]
                 continue
             if recipe is not None:
                 recipes[name] = recipe
         with self._lock:
-            self._found, self._recipes, self.refused, self._scanned_at = found, recipes, refused, time.monotonic()
+            self._found, self._recipes, self.refused, self._skipped = found, recipes, refused, skipped
         return found
 
     def names(self) -> list[str]:
@@ -130,16 +140,64 @@ class Adapters:
         return {name: self._recipes[name] for name in self.names() if name in self._recipes}
 
     def exists(self, name: str) -> bool:
-        """Is ``name`` an adapter on disk? A miss re-reads the folder, at most every few seconds."""
-        if name in self._found:
-            return True
-        if time.monotonic() - self._scanned_at >= self.rescan_seconds:
-            self.scan()
+        """Is ``name`` an adapter in the store? A miss lists the store again (rate-limited)."""
+        if name not in self._found:
+            self._relist(name)
         return name in self._found
+
+    def _relist(self, name: str) -> None:
+        """List the store again for ``name``, unless it was listed less than ``rescan_seconds``
+        ago; a listing that fails keeps the adapters listed before."""
+        with self._scan_lock:  # one listing at a time; the others wait for its answer
+            if name in self._found and name not in self._failed:
+                return  # the listing this thread waited for found it
+            if time.monotonic() - self._scanned_at >= self.rescan_seconds:
+                try:
+                    self.scan()
+                except ModelStoreError as exc:
+                    log.warning("%s; the adapters listed before stay", exc)
+
+    def fetch(self, names) -> None:
+        """Bring the weights of adapters ``names`` to local disk (a remote store downloads each
+        once); called by request threads before queueing, so no download stalls the worker.
+        Raises AdapterFetchError naming the adapter; the next request for it lists the store
+        again first (rate-limited), so an adapter fixed in the store is picked up."""
+        for name in names:
+            if name in self._local:
+                continue
+            if name in self._failed:
+                self._relist(name)
+            with self._lock:
+                lock = self._fetch_locks.setdefault(name, threading.Lock())
+            with lock:  # concurrent requests for a new adapter download it once
+                if name not in self._local:
+                    try:
+                        self._local[name] = self._fetch_one(name)
+                    except AdapterFetchError:
+                        self._failed.add(name)
+                        raise
+                    self._failed.discard(name)
+
+    def _fetch_one(self, name: str) -> Path:
+        listed = self._found.get(name)
+        if listed is None:
+            raise AdapterFetchError(f"LoRA adapter {name} is no longer in {self.location}")
+        remote = not self.store.preload
+        try:
+            path = self.store.fetch(name, listed)
+        except AdapterFetchError as exc:
+            if remote:
+                metrics.LORA_DOWNLOADS.labels(result="error").inc()
+            raise AdapterFetchError(f"LoRA adapter {name} could not be fetched from {self.location}: {exc}") from None
+        if remote:
+            metrics.LORA_DOWNLOADS.labels(result="ok").inc()
+        return path
 
     # -- the worker thread -----------------------------------------------------------------
     def load(self, pipeline, name: str) -> None:
-        path = self._found[name]
+        if name not in self._local:
+            self.fetch([name])  # start-up, or a request that skipped fetch(): download here
+        path = self._local[name]
         started = time.perf_counter()
         try:
             pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
@@ -152,8 +210,9 @@ class Adapters:
     def load_all(self, pipeline) -> None:
         if self.fuse is not None and self.fused is None:
             self._fuse_into(pipeline, *self.fuse)
-        for name in self.names():
-            self.load(pipeline, name)
+        if self.store.preload:  # a remote store's adapters download on first use instead
+            for name in self.names():
+                self.load(pipeline, name)
         if self._loaded:
             pipeline.disable_lora()
         self._active = ()
@@ -165,12 +224,15 @@ class Adapters:
             if name in self.refused:
                 raise ModelStoreError(f"--fuse_lora {name}: its {RECIPE_FILE} is refused: {self.refused[name]}")
             available = ", ".join(self.names()) or "none"
-            raise ModelStoreError(f"--fuse_lora {name}: no adapter named {name!r} in {self.lora_dir}; "
+            raise ModelStoreError(f"--fuse_lora {name}: no adapter named {name!r} in {self.location}; "
                                   f"available: {available}")
         recipe = self._recipes.get(name)
         if scale is None:
             scale = recipe.scale if recipe is not None and recipe.scale is not None else 1.0
-        self.load(pipeline, name)
+        try:
+            self.load(pipeline, name)
+        except AdapterFetchError as exc:
+            raise ModelStoreError(f"--fuse_lora {name}: {exc}") from None
         started = time.perf_counter()
         try:
             pipeline.fuse_lora(adapter_names=[name], lora_scale=scale)

@@ -73,6 +73,14 @@ class ImageTooLarge(ServingError):
     status_code = StatusCode.RESOURCE_EXHAUSTED
 
 
+class AdapterUnavailable(ServingError):
+    """A LoRA adapter the request names is listed in the store but its weights could not be
+    fetched, or are corrupt. 502: the adapter store gave a bad answer; other requests go on."""
+
+    http_status = 502
+    status_code = StatusCode.UNAVAILABLE
+
+
 class Unauthorized(ServingError):
     http_status = 401
     status_code = StatusCode.UNAUTHENTICATED

@@ -34,3 +34,7 @@ OOM_RETRIES = Counter("sdserve_oom_retries", "Denoiser or VAE calls that ran out
 OPEN_STREAMS = Gauge("sdserve_open_streams", "OpenAI image streams (stream: true) open now")
 FIRST_PARTIAL_SECONDS = Histogram("sdserve_time_to_first_partial_image_seconds", "Time from a streamed request "
                                   "parsed to its first partial image ready to send", buckets=_SECONDS)
+LORA_LISTINGS = Counter("sdserve_lora_store_listings", "Listings of the LoRA adapter store (start-up, and a request "
+                        "naming an adapter not yet known, rate-limited by --lora_relist_seconds)", ["result"])  # ok | error
+LORA_DOWNLOADS = Counter("sdserve_lora_downloads", "LoRA adapters downloaded from a remote store on first use",
+                         ["result"])  # ok | error

@@ -22,8 +22,9 @@ from kserve import InferRequest
 from kserve.errors import InvalidInput
 
 from . import metrics, model_store, optimize, recipes, storage
-from .adapters import Adapters
-from .errors import DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
+from .adapter_store import open_store
+from .adapters import AdapterFetchError, Adapters
+from .errors import AdapterUnavailable, DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .generation import Engine, EngineSettings, ModelBackend
 from .generation.policy import buckets
 from .generation.preview import Previewer, PreviewError
@@ -47,6 +48,7 @@ class ModelSettings:
     device: str = "auto"
     dtype: str = "auto"
     default_steps: int | None = None
+    lora_relist_seconds: float = 10.0  # a request naming an unknown adapter lists the store at most this often
     fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: model_store.LoadOptions = model_store.LoadOptions()
@@ -119,9 +121,10 @@ class SDModel(kserve.Model):
         device = model_store.resolve_device(s.device)
         dtype = model_store.resolve_dtype(s.dtype, device)
         self.loaded = model_store.load(layout, device, dtype, s.default_steps, s.load_options)
-        lora_dir = Path(storage.local_path(s.lora_dir, s.download_dir)) if s.lora_dir else Path(model_dir) / "loras"
         caps = self.loaded.capabilities
-        self.adapters = Adapters(lora_dir, check=recipes.checker(self.limits, caps), fuse=s.fuse_lora)
+        store = open_store(s.lora_dir or Path(model_dir) / "loras", s.download_dir)
+        self.adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(self.limits, caps),
+                                 fuse=s.fuse_lora)
         self.adapters.load_all(self.loaded.base)
         self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
@@ -279,6 +282,10 @@ class SDModel(kserve.Model):
         except (DeadlineExceeded, ImageTooLarge, ShuttingDown, QueueFull) as exc:
             log.info("request %s: %s", request_id, exc)
             raise
+        except AdapterUnavailable as exc:
+            metrics.FAILURES.labels(reason="adapter_unavailable").inc()
+            log.error("request %s failed: %s", request_id, exc)
+            raise
         if not isinstance(response, ImageStream):  # a stream times itself, when it ends
             metrics.REQUEST_SECONDS.labels(protocol=protocol).observe(time.perf_counter() - started)
         return response
@@ -286,8 +293,20 @@ class SDModel(kserve.Model):
     def _warnings(self, requests) -> list[list[str]]:
         return [prompt_warnings(self.tokenizers, r) for r in requests]
 
+    async def _fetch_adapters(self, requests: list[GenerationRequest]) -> None:
+        """Download the adapters ``requests`` name that are not on local disk yet (a remote
+        store's, on first use), in a thread, before they queue: the worker never waits on a
+        download."""
+        names = {name for r in requests for name, _ in r.loras}
+        if names:
+            try:
+                await asyncio.to_thread(self.adapters.fetch, sorted(names))
+            except AdapterFetchError as exc:
+                raise AdapterUnavailable(str(exc)) from None
+
     async def _predict_v1(self, payload: Any, call: Call) -> dict:
         requests = v1.parse_v1(payload, self.parser)
+        await self._fetch_adapters(requests)
         warnings = self._warnings(requests)
         results = await self.batch_engine.generate(requests, call.request_id, call.timeout_s)
         predictions = await asyncio.to_thread(
@@ -297,6 +316,7 @@ class SDModel(kserve.Model):
 
     async def _predict_v2(self, payload: InferRequest, call: Call):
         parsed = v2.parse_v2(payload, self.parser, call.request_id)
+        await self._fetch_adapters(parsed.requests)
         warnings = [w for ws in self._warnings(parsed.requests) for w in ws]
         results = await self.batch_engine.generate(parsed.requests, call.request_id, call.timeout_s)
         return await asyncio.to_thread(v2.encode_response, parsed, results, self.name, warnings)
@@ -304,6 +324,7 @@ class SDModel(kserve.Model):
     async def _predict_openai(self, body: Any, call: Call) -> dict | ImageStream:
         parsed = openai_images.parse_openai_request(body, self.parser, self.name)
         request = parsed.request
+        await self._fetch_adapters([request])
         (warnings,) = self._warnings([request])
         if parsed.stream is not None:
             previewer = self._previewer() if parsed.stream.partial_images else None

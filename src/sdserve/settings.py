@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for a single-file checkpoint: a diffusers folder with model_index.json, component "
                        "configs and tokenizers (default: <model_dir>/config)")
     model.add_argument("--lora_dir", default=None,
-                       help="folder of LoRA adapters, one sub-folder per name (default: <model_dir>/loras)")
+                       help="LoRA adapters, one sub-folder per name: a folder (all loaded at start-up; default "
+                       "<model_dir>/loras) or a remote store (s3://bucket/prefix/, gs://, hf://, ...) listed at "
+                       "start-up, each adapter downloaded on first use")
+    model.add_argument("--lora_relist_seconds", type=float, default=10.0, metavar="S",
+                       help="a request naming an adapter not yet listed lists the store again, at most once every "
+                       "S seconds (new adapters are served without a restart)")
     model.add_argument("--fuse_lora", default=None, metavar="NAME[:SCALE]",
                        help="fuse this LoRA adapter into the base weights at start-up (SCALE default: its "
                        "recipe's scale, else 1): no per-step LoRA cost, requests cannot name it, and its "
@@ -148,6 +153,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: one process owns the GPU; scale with replicas instead")
+    if not 0 <= args.lora_relist_seconds <= 86400:
+        parser.error("--lora_relist_seconds must be from 0 to 86400")
     for flag in ("request_timeout", "grace_period", "stuck_after", "max_body_bytes"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be greater than 0")

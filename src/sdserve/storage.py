@@ -30,11 +30,43 @@ def default_download_dir() -> Path:
     return Path(cache) / "sdserve" / "models"
 
 
-def _data_connection_env() -> None:
+def data_connection_env() -> None:
     """OpenShift AI data connections name the endpoint AWS_S3_ENDPOINT; KServe's code reads
     AWS_ENDPOINT_URL."""
     if os.environ.get("AWS_S3_ENDPOINT") and not os.environ.get("AWS_ENDPOINT_URL"):
         os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_S3_ENDPOINT"]
+
+
+def cache_dir(location: str, download_dir: str | Path | None = None, kind: str = "") -> Path:
+    """The folder under the download cache that holds ``location``'s copy: readable and unique
+    (the location's tail and a hash of all of it); ``kind`` is a sub-folder (``loras``)."""
+    root = Path(download_dir) if download_dir else default_download_dir()
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", location.split("://", 1)[1]).strip("-")[-60:]
+    return (root / kind if kind else root) / f"{tail}-{hashlib.sha256(location.encode()).hexdigest()[:12]}"
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` as (bucket, ``some/prefix``)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri} is not an s3:// location")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri} names no bucket")
+    return bucket, key
+
+
+def s3_client():
+    """A boto3 S3 client configured as KServe's storage code configures its own: ``AWS_*``
+    variables (``AWS_S3_ENDPOINT`` of a data connection too), ``STORAGE_CONFIG``, CA bundles,
+    timeouts and retries."""
+    try:
+        import boto3
+        from kserve_storage import Storage
+    except ImportError:
+        raise ModelStoreError("s3:// locations need the storage support: pip install 'sdserve[storage]'") from None
+    data_connection_env()
+    Storage._update_with_storage_spec()  # STORAGE_CONFIG (a storage-config secret) into AWS_* variables
+    return boto3.client("s3", **Storage._get_s3_client_kwargs())
 
 
 def local_path(location: str, download_dir: str | Path | None = None) -> str:
@@ -48,10 +80,8 @@ def local_path(location: str, download_dir: str | Path | None = None) -> str:
         raise ModelStoreError(
             f"{location} is remote and the storage support is not installed: pip install 'sdserve[storage]'"
         ) from None
-    _data_connection_env()
-    root = Path(download_dir) if download_dir else default_download_dir()
-    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", location.split("://", 1)[1]).strip("-")[-60:]
-    target = root / f"{tail}-{hashlib.sha256(location.encode()).hexdigest()[:12]}"
+    data_connection_env()
+    target = cache_dir(location, download_dir)
     if (target / _COMPLETE).is_file():
         log.info("using %s, downloaded earlier to %s", location, target)
         return str(target)

@@ -1,0 +1,156 @@
+"""Where LoRA adapters come from: ``--lora_dir``, a local folder or a remote location.
+
+A store lists its adapters (name -> :class:`Listed`) and fetches one adapter's weights to a local
+file when it is first used. Three kinds:
+
+* :class:`LocalStore`: a folder (a mounted volume too), one sub-folder per adapter; nothing to fetch.
+* ``s3://bucket/prefix/`` (``adapter_store_s3.S3Store``): the listing is one paginated
+  ``ListObjectsV2``; each adapter's ``sdserve.json`` comes with the listing, its weights are
+  downloaded on first use into the download cache.
+* any other scheme KServe's storage code reads (``gs://``, ``hf://``, ``https://``, ...):
+  :class:`SnapshotStore` downloads the whole location at each listing and serves the copy.
+
+A store never joins a request's text into a path: names come from the listing, and only names
+that pass :data:`NAME` are listed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import storage
+from .model_store import PICKLE_SUFFIXES, ModelStoreError
+
+log = logging.getLogger("sdserve")
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' LoRA training saves
+
+
+class AdapterFetchError(RuntimeError):
+    """An adapter's weights could not be fetched, or are not a readable safetensors file."""
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One adapter as listed: enough to show it and to fetch it later."""
+
+    weights: str  # the weights file's name in the adapter's folder
+    recipe_dir: Path | None  # a local folder holding its sdserve.json; None when it has none
+    version: str = ""  # what identifies this upload in a remote store (size and ETag), for the cache
+    key: str = ""  # the weights' object key in a remote store
+    size: int = 0  # and their size in bytes, as listed
+
+
+def pick_weights(files: list[str]) -> tuple[str | None, str]:
+    """The weights among an adapter folder's file names: the diffusers name, else the only
+    ``.safetensors``; with the reason when there is none."""
+    if WEIGHTS in files:
+        return WEIGHTS, ""
+    candidates = sorted(f for f in files if f.endswith(".safetensors"))
+    if len(candidates) == 1:
+        return candidates[0], ""
+    pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        return None, f"pickle weights are refused ({', '.join(pickles)})"
+    return None, "no single .safetensors file" if not candidates else f"several .safetensors files and none named {WEIGHTS}"
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise AdapterFetchError unless ``path`` is a safetensors file with tensors in it (its
+    header is read, not the tensors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not list(f.keys()):
+                raise AdapterFetchError("the safetensors file holds no tensors")
+    except AdapterFetchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds for a bad header
+        raise AdapterFetchError(f"not a readable safetensors file ({exc})") from None
+
+
+class LocalStore:
+    """A local folder of adapter folders; every adapter is loaded at start-up."""
+
+    preload = True
+
+    def __init__(self, root: Path | None):
+        self.root = root
+        self.location = str(root)
+
+    def list(self) -> tuple[dict[str, Listed], dict[str, str]]:
+        """(adapters, skipped folders with the reason)."""
+        found: dict[str, Listed] = {}
+        skipped: dict[str, str] = {}
+        if self.root is None or not self.root.is_dir():
+            return found, skipped
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if not NAME.match(folder.name):
+                skipped[folder.name] = "names are letters, digits, '.', '_', '-'"
+                continue
+            weights, reason = pick_weights([f.name for f in folder.iterdir() if f.is_file()])
+            if weights is None:
+                skipped[folder.name] = reason
+            else:
+                found[folder.name] = Listed(weights, folder)
+        return found, skipped
+
+    def fetch(self, name: str, listed: Listed) -> Path:
+        return listed.recipe_dir / listed.weights
+
+
+class SnapshotStore:
+    """A remote location with no cheap listing: each listing downloads all of it (KServe's
+    storage code) into a fresh snapshot; the previous one is kept for adapters fetched from it."""
+
+    preload = False
+
+    def __init__(self, location: str, cache: Path):
+        self.location = location
+        self.cache = cache
+        self._snapshots: list[Path] = []
+        self._local = LocalStore(None)
+
+    def list(self) -> tuple[dict[str, Listed], dict[str, str]]:
+        try:
+            from kserve_storage import Storage
+        except ImportError:
+            raise ModelStoreError(f"--lora_dir {self.location} is remote and the storage support is not installed: "
+                                  "pip install 'sdserve[storage]'") from None
+        storage.data_connection_env()
+        self.cache.mkdir(parents=True, exist_ok=True)
+        snapshot = Path(tempfile.mkdtemp(prefix="snapshot-", dir=self.cache))
+        try:
+            Storage.download(self.location, str(snapshot))
+        except Exception as exc:  # storage backends raise anything
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise ModelStoreError(f"cannot download {self.location}: {exc}") from exc
+        self._snapshots.append(snapshot)
+        for old in self._snapshots[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        self._snapshots = self._snapshots[-2:]
+        self._local = LocalStore(snapshot)
+        return self._local.list()
+
+    def fetch(self, name: str, listed: Listed) -> Path:
+        return listed.recipe_dir / listed.weights
+
+
+def open_store(location: str | Path | None, download_dir: str | Path | None = None):
+    """The store for ``--lora_dir``: local folder, S3, or a downloaded snapshot."""
+    if location is None or not storage.is_remote(str(location)):
+        return LocalStore(Path(location) if location is not None else None)
+    location = str(location)
+    cache = storage.cache_dir(location, download_dir, kind="loras")
+    if location.startswith("s3://"):
+        from .adapter_store_s3 import S3Store
+
+        return S3Store(location, cache)
+    return SnapshotStore(location, cache)
