@@ -158,3 +158,20 @@ def test_unreachable_store_fails_start_up_and_a_failed_relisting_keeps_the_adapt
     assert adapters.list_error and "first" in adapters.names()
     with pytest.raises(AdapterFetchError, match="first could not be fetched from s3://adapters/loras/"):
         adapters.fetch(["first"])
+
+
+def test_other_schemes_are_listed_as_downloaded_snapshots(models, tmp_path):
+    """A location with no cheap listing (here file://, read by KServe's storage code like gs:// or
+    hf://) is downloaded whole at each listing; the two newest snapshots are kept."""
+    import shutil
+
+    source = tmp_path / "store"
+    shutil.copytree(models["sdxl-loras"] / "loras" / "trex", source / "trex")
+    adapters = Adapters(open_store(f"file://{source}", tmp_path / "cache"), rescan_seconds=0)
+    assert adapters.names() == ["trex"]
+    shutil.copytree(models["sdxl-loras"] / "loras" / "pixel", source / "pixel")
+    assert adapters.exists("pixel") and adapters.names() == ["pixel", "trex"]
+    adapters.fetch(["pixel"])
+    for _ in range(3):
+        adapters.scan()
+    assert len(list((tmp_path / "cache").rglob("snapshot-*"))) == 2
