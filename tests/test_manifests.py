@@ -1,7 +1,7 @@
 """The Kubernetes manifests in manifests/: every InferenceService and ServingRuntime is checked against
 the KServe CRD schemas the way ``kubectl apply --validate=strict`` checks it (unknown fields are
 errors), the runtime's args are parsed by sdserve's own parser, and the files agree with each other
-(names, formats, ports, timeouts, GPU, auth, dashboard metadata)."""
+(names, formats, ports, timeouts, GPU, auth, dashboard metadata, the autoscalers' arithmetic)."""
 
 from __future__ import annotations
 
@@ -12,35 +12,21 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
+from crd_schema import schema_errors
 
+from sdserve import metrics
 from sdserve.settings import load_config
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
-# The KServe CRDs with their real schemas sit beside the clone: ../shared/crds.
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
-
-# libyaml's loader when PyYAML has it: the InferenceService CRD is 2 MB of YAML.
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 MODEL_NAME = "sdxl"  # what KServe substitutes for {{.Name}}: the InferenceService's name
 MIN_TIMEOUT_S = 300  # an SDXL 1024x1024 request with the refiner, queued behind a few others
-
-# ObjectMeta as far as these manifests use it; strings only, like the API server wants them.
-STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-OBJECT_META = {
-    "type": "object",
-    "required": ["name"],
-    "additionalProperties": False,
-    "properties": {
-        "name": {"type": "string", "pattern": r"^[a-z]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-        "namespace": {"type": "string"},
-        "labels": STRING_MAP,
-        "annotations": STRING_MAP,
-    },
-}
+# Per-replica images in flight both autoscalers aim at: one denoiser call's worth running
+# (--max_batch_images) and one more waiting behind it. The KEDA threshold (images pending per
+# replica) and Knative's containerConcurrency (requests per replica) are this times the flag.
+BATCHES_IN_FLIGHT = 2
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -81,61 +67,8 @@ def container(rt: dict) -> dict:
     return c
 
 
-INFERENCE_SERVICES = ["inferenceservice-raw.yaml", "inferenceservice-serverless.yaml"]
+INFERENCE_SERVICES = ["inferenceservice-raw.yaml", "inferenceservice-serverless.yaml", "inferenceservice-keda.yaml"]
 KSERVE_OBJECTS = [(where, obj) for where, obj in objects() if obj.get("kind") in ("InferenceService", "ServingRuntime")]
-
-
-# --- CRD schemas as strict JSON Schema -----------------------------------------------------------
-
-def strict(schema: dict) -> dict:
-    """A CRD structural schema as JSON Schema that rejects unknown fields, as the API server does for
-    ``--validate=strict``: objects with ``properties`` get ``additionalProperties: false`` unless they
-    say otherwise or preserve unknown fields; int-or-string accepts both."""
-    out = dict(schema)
-    if schema.get("x-kubernetes-int-or-string") and "anyOf" not in schema:
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if schema.get("nullable") and "type" in schema:
-        out["type"] = [schema["type"], "null"]
-    if "properties" in schema:
-        out["properties"] = {key: strict(sub) for key, sub in schema["properties"].items()}
-        if "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    if isinstance(schema.get("additionalProperties"), dict):
-        out["additionalProperties"] = strict(schema["additionalProperties"])
-    if isinstance(schema.get("items"), dict):
-        out["items"] = strict(schema["items"])
-    for key in ("anyOf", "allOf", "oneOf"):
-        if key in schema:
-            out[key] = [strict(sub) for sub in schema[key]]
-    return out
-
-
-@functools.cache
-def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
-    """(apiVersion, kind) -> validator, for every served version of every CRD in ../shared/crds."""
-    if not CRDS.is_dir():
-        pytest.skip(f"the KServe CRDs are not at {CRDS} (../shared/crds beside the repository)")
-    validators = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        for crd in yaml.load_all(path.read_text(), Loader=YAML_LOADER):
-            if not crd or crd.get("kind") != "CustomResourceDefinition":
-                continue
-            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
-            for version in crd["spec"]["versions"]:
-                if version.get("served"):
-                    schema = strict(version["schema"]["openAPIV3Schema"])
-                    schema["properties"]["metadata"] = OBJECT_META
-                    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
-                    jsonschema.Draft7Validator.check_schema(schema)  # the conversion kept it a schema
-                    validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
-    return validators
-
-
-def schema_errors(obj: dict) -> list[str]:
-    validator = crd_validators().get((obj.get("apiVersion"), obj.get("kind")))
-    assert validator is not None, f"no served CRD version for {obj.get('apiVersion')} {obj.get('kind')}"
-    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-                  for e in validator.iter_errors(obj))
 
 
 # --- small parsers -------------------------------------------------------------------------------
@@ -166,8 +99,9 @@ def test_every_manifest_parses_and_the_expected_objects_are_there():
         assert isinstance(obj, dict) and obj.get("apiVersion") and obj.get("kind"), where
     kinds = Counter(obj["kind"] for _, obj in objects())
     # A kind this file has no checks for needs some first.
-    assert set(kinds) <= {"ServingRuntime", "Template", "InferenceService", "Secret", "Kustomization"}, kinds
-    assert kinds >= Counter({"ServingRuntime": 2, "InferenceService": 2, "Template": 1, "Secret": 1}), kinds
+    assert set(kinds) <= {"ServingRuntime", "Template", "InferenceService", "Secret", "Kustomization",
+                          "PodMonitor"}, kinds
+    assert kinds >= Counter({"ServingRuntime": 2, "InferenceService": 3, "Template": 1, "Secret": 1}), kinds
 
 
 @pytest.mark.parametrize("where, obj", KSERVE_OBJECTS, ids=[where for where, _ in KSERVE_OBJECTS])
@@ -248,7 +182,7 @@ def test_runtime_container_ports_probes_and_metrics():
     probes = {kind: c[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     for probe in probes.values():
         assert probe["httpGet"]["port"] == http_port
-    assert probes["startupProbe"]["httpGet"]["path"] in ("/v2/health/ready", f"/v2/models/{{{{.Name}}}}/ready")
+    assert probes["startupProbe"]["httpGet"]["path"] in ("/v2/health/ready", "/v2/models/{{.Name}}/ready")
     assert probes["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert probes["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     startup = probes["startupProbe"]
@@ -360,6 +294,128 @@ def test_serverless_scales_on_concurrency_and_may_scale_to_zero():
     assert predictor["containerConcurrency"] <= config.engine.max_queue
 
 
+def test_serverless_concurrency_follows_from_the_batch_size():
+    """Knative counts requests in flight (one image each by default): it aims at one denoiser call's
+    worth per replica and lets in one more batch before holding requests back."""
+    predictor = the("InferenceService", "inferenceservice-serverless.yaml")["spec"]["predictor"]
+    engine = runtime_config(runtime()).engine
+    assert predictor["scaleTarget"] == engine.max_batch_images
+    assert predictor["containerConcurrency"] == BATCHES_IN_FLIGHT * engine.max_batch_images
+    # All admitted to the step loop at once: none waits in sdserve's queue while Knative holds others.
+    assert predictor["containerConcurrency"] <= engine.active_limit
+
+
+# --- KEDA: scaling on sdserve_images_pending -----------------------------------------------------
+
+KEDA_FILE = "inferenceservice-keda.yaml"
+# OpenShift's Thanos querier, tenancy port (namespace-scoped, token needs `get pods` there).
+THANOS_TENANCY = "https://thanos-querier.openshift-monitoring.svc.cluster.local:9092"
+
+
+def keda_metric() -> dict:
+    (metric,) = the("InferenceService", KEDA_FILE)["spec"]["predictor"]["autoScaling"]["metrics"]
+    assert metric["type"] == "External"
+    return metric["external"]
+
+
+def exported_metrics() -> dict[str, object]:
+    """sdserve's own metrics by name (a Counter's samples add _total)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    return {obj.describe()[0].name: obj for obj in vars(metrics).values() if isinstance(obj, MetricWrapperBase)}
+
+
+def test_keda_variant_is_raw_deployment_with_the_keda_autoscaler():
+    isvc = the("InferenceService", KEDA_FILE)
+    annotations, predictor = isvc["metadata"]["annotations"], isvc["spec"]["predictor"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"  # KEDA: raw mode only
+    assert annotations["serving.kserve.io/autoscalerClass"] == "keda"
+    assert annotations.get("serving.kserve.io/enable-prometheus-scraping") != "true"
+    # KServe's webhook rejects scaleMetric with KEDA; scaleTarget would mean nothing.
+    assert "scaleMetric" not in predictor and "scaleTarget" not in predictor
+    # No scale to zero: with no replica there is no metric to wake one up.
+    assert 1 <= predictor["minReplicas"] < predictor["maxReplicas"]
+
+
+def test_keda_query_sums_a_gauge_sdserve_exports_over_this_inferenceservices_pods():
+    metric = keda_metric()["metric"]
+    assert metric["backend"] == "prometheus"
+    assert metric["serverAddress"] == THANOS_TENANCY
+    assert metric["namespace"], "the tenancy port answers for one namespace, sent by KEDA"
+    query, name = metric["query"], the("InferenceService", KEDA_FILE)["metadata"]["name"]
+    (used,) = set(re.findall(r"\bsdserve_\w+", query))
+    exported = exported_metrics()
+    assert used in exported, f"{used} is not one of sdserve's metrics: {sorted(exported)}"
+    assert type(exported[used]).__name__ == "Gauge", "a sum over pods needs a gauge (a counter needs rate())"
+    assert used == "sdserve_images_pending"
+    # The Deployment KServe makes is <name>-predictor; its pods are <name>-predictor-<hash>-<hash>.
+    assert f'pod=~"{name}-predictor-.*"' in query
+    # Each pod once, even when two monitors scrape it; then the total, which KEDA averages per replica.
+    assert query.replace(" ", "").startswith("sum(maxby(pod)(")
+
+
+def test_keda_threshold_is_images_per_replica_from_the_runtime_batch_size():
+    target = keda_metric()["target"]
+    max_batch = runtime_config(runtime()).engine.max_batch_images
+    # KServe passes `value` on as KEDA's threshold (KEDA averages it per replica); it needs it set.
+    assert target["type"] == "Value" and "value" in target
+    threshold = float(target["value"])
+    assert threshold == BATCHES_IN_FLIGHT * max_batch
+    assert threshold >= max_batch, "below one full denoiser call, replicas are added before a GPU is busy"
+
+
+def test_keda_authenticates_with_openshift_ais_trigger_authentication():
+    assert keda_metric()["authenticationRef"] == {
+        "authModes": "bearer",
+        "authenticationRef": {"name": "inference-prometheus-auth"},
+    }
+
+
+def test_a_flat_authentication_ref_is_rejected_by_the_crd():
+    isvc = copy.deepcopy(the("InferenceService", KEDA_FILE))
+    isvc["spec"]["predictor"]["autoScaling"]["metrics"][0]["external"]["authenticationRef"] = {
+        "name": "inference-prometheus-auth"}
+    errors = schema_errors(isvc)
+    where = "spec.predictor.autoScaling.metrics.0.external.authenticationRef"
+    assert f"{where}: 'authenticationRef' is a required property" in errors, errors
+    assert any(e.startswith(where) and "'name' was unexpected" in e for e in errors), errors
+
+
+def test_keda_scales_down_slowly_and_replicas_drain_before_they_are_killed():
+    predictor = the("InferenceService", KEDA_FILE)["spec"]["predictor"]
+    scale_down = predictor["autoScaling"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= 300  # a pause between bursts keeps the replica
+    assert {"type": "Pods", "value": 1, "periodSeconds": 120} in scale_down["policies"]
+    assert predictor["autoScaling"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+
+
+@pytest.mark.parametrize("file", ["inferenceservice-raw.yaml", KEDA_FILE])
+def test_termination_grace_period_exceeds_sdserves_drain(file):
+    predictor = the("InferenceService", file)["spec"]["predictor"]
+    drain = runtime_config(runtime()).args.grace_period  # --grace_period: SIGTERM to exit
+    assert predictor["terminationGracePeriodSeconds"] > drain, "the kubelet would kill requests mid-drain"
+
+
+def test_pod_monitor_scrapes_the_keda_inferenceservices_pods():
+    """User-workload monitoring ignores prometheus.io/* annotations: the PodMonitor is what makes
+    sdserve_images_pending reach Thanos."""
+    monitor = the("PodMonitor", KEDA_FILE)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"} and set(monitor["metadata"]) == {"name"}
+    spec = monitor["spec"]
+    assert set(spec) == {"selector", "podMetricsEndpoints"}
+    name = the("InferenceService", KEDA_FILE)["metadata"]["name"]
+    assert spec["selector"] == {"matchLabels": {"serving.kserve.io/inferenceservice": name}}
+    rt = runtime()
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "scheme", "interval"}
+    (port,) = container(rt)["ports"]
+    assert endpoint["port"] == port["name"] and port["containerPort"] == runtime_config(rt).args.http_port
+    assert endpoint["path"] == rt["spec"]["annotations"]["prometheus.io/path"]
+    assert endpoint["scheme"] == "http"
+    assert re.fullmatch(r"\d+s", endpoint["interval"]) and int(endpoint["interval"][:-1]) <= 30  # KEDA polls every 30 s
+
+
 # --- the data connection and the kustomization ---------------------------------------------------
 
 PLACEHOLDER = re.compile(r"<[^<>]+>")
@@ -386,6 +442,14 @@ def test_no_manifest_holds_something_like_a_real_credential():
         assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"{path.name}: an AWS access key id"
         assert not re.search(r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])", text), \
             f"{path.name}: something like an AWS secret key"
+
+
+def test_kustomization_deploys_one_inferenceservice():
+    """The InferenceService files are alternatives with the same name: one at a time."""
+    resources = manifest_files()["kustomization.yaml"][0]["resources"]
+    isvcs = [doc for resource in resources for doc in manifest_files()[resource] if doc["kind"] == "InferenceService"]
+    assert len(isvcs) == 1 and "inferenceservice-raw.yaml" in resources
+    assert {the("InferenceService", file)["metadata"]["name"] for file in INFERENCE_SERVICES} == {MODEL_NAME}
 
 
 def test_kustomization_lists_existing_manifests():

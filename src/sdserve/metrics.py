@@ -15,6 +15,10 @@ ROWS_PER_CALL = Histogram(
 )
 DENOISER_CALLS = Counter("sdserve_denoiser_calls", "Denoiser calls (one step of every image in them)", ["phase"])
 ACTIVE_IMAGES = Gauge("sdserve_active_images", "Images admitted to the step loop and not yet finished")
+# For autoscaling (KEDA): the demand on this replica, in images, and what one denoiser call holds.
+IMAGES_PENDING = Gauge("sdserve_images_pending", "Images of requests received and not yet answered: waiting for "
+                       "admission plus in the step loop (a request for n images counts n until it ends)")
+IMAGE_CAPACITY = Gauge("sdserve_image_capacity", "Images one denoiser call takes (--max_batch_images)")
 IMAGES = Counter("sdserve_images_generated", "Images generated")
 IMAGE_INPUT_IMAGES = Counter("sdserve_images_from_image", "Images generated from a request's start image, by mode",
                              ["mode"])  # img2img | inpaint

@@ -64,6 +64,15 @@ class Job:
         return DeadlineExceeded(f"request deadline passed after {waited:.1f} s; the generation was stopped")
 
 
+def _count_pending(job: Job) -> None:
+    """Count the job's images in ``sdserve_images_pending`` until its future is done. Every way a
+    job ends (result, error, cancellation while queued, shutdown) completes its future exactly once,
+    so the gauge returns to 0 without each of those paths having to remember it."""
+    n = job.request.num_images
+    metrics.IMAGES_PENDING.inc(n)
+    job.future.add_done_callback(lambda _: metrics.IMAGES_PENDING.dec(n))
+
+
 class AdmissionQueue:
     """Jobs waiting for the worker, bounded by ``max_queue`` requests; thread-safe."""
 
@@ -88,6 +97,8 @@ class AdmissionQueue:
                 raise QueueFull(self.max_queue, self.retry_after_s)
             self._pending.extend(jobs)
             metrics.QUEUE_DEPTH.set(len(self._pending))
+            for job in jobs:
+                _count_pending(job)
             self.cond.notify_all()
 
     def position(self, job: Job) -> int | None:

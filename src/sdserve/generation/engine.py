@@ -52,6 +52,7 @@ class Engine:
     def __init__(self, settings: EngineSettings):
         self.settings = settings
         self.queue = AdmissionQueue(settings.max_queue, settings.retry_after_s)
+        metrics.IMAGE_CAPACITY.set(settings.max_batch_images)
         self.loop: StepLoop | None = None
         self._busy_since: float | None = None  # when the current iteration began; None when idle
         self._thread: threading.Thread | None = None
