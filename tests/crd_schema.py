@@ -4,6 +4,7 @@ fields are errors). Shared by the manifest tests."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -82,3 +83,14 @@ def schema_errors(obj: dict) -> list[str]:
     assert validator is not None, f"no served CRD version for {obj.get('apiVersion')} {obj.get('kind')}"
     return sorted(f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
                   for e in validator.iter_errors(obj))
+
+
+def with_value(obj: dict, path: str, value) -> dict:
+    """A copy of ``obj`` with the field at dotted ``path`` (list indexes as numbers) set to ``value``."""
+    obj = copy.deepcopy(obj)
+    *parents, last = path.split(".")
+    node = obj
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    return obj

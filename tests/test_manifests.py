@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from crd_schema import schema_errors
+from crd_schema import schema_errors, with_value
 
 from sdserve import metrics
 from sdserve.settings import load_config
@@ -109,16 +109,6 @@ def test_kserve_objects_validate_strictly_against_the_crd(where, obj):
     assert schema_errors(obj) == []
 
 
-def _set(obj: dict, path: str, value) -> dict:
-    obj = copy.deepcopy(obj)
-    *parents, last = path.split(".")
-    node = obj
-    for key in parents:
-        node = node[int(key)] if isinstance(node, list) else node[key]
-    node[last] = value
-    return obj
-
-
 @pytest.mark.parametrize("file, path, value, expected", [
     ("inferenceservice-raw.yaml", "spec.predictor.timout", 600, "'timout' was unexpected"),
     ("inferenceservice-raw.yaml", "spec.predictor.minReplicas", "1", "'1' is not of type 'integer'"),
@@ -135,7 +125,7 @@ def test_the_validator_rejects_unknown_fields_and_wrong_types(file, path, value,
         obj = copy.deepcopy(obj)
         obj["metadata"]["annotations"][path.removeprefix("metadata.annotations.")] = value
     else:
-        obj = _set(obj, path, value)
+        obj = with_value(obj, path, value)
     errors = schema_errors(obj)
     assert any(expected in error for error in errors), errors
 
@@ -143,8 +133,8 @@ def test_the_validator_rejects_unknown_fields_and_wrong_types(file, path, value,
 def test_int_or_string_fields_take_both():
     rt = runtime()
     for port in (8080, "http1"):
-        assert schema_errors(_set(rt, "spec.containers.0.readinessProbe.httpGet.port", port)) == []
-    assert schema_errors(_set(rt, "spec.containers.0.readinessProbe.httpGet.port", 80.5)) != []
+        assert schema_errors(with_value(rt, "spec.containers.0.readinessProbe.httpGet.port", port)) == []
+    assert schema_errors(with_value(rt, "spec.containers.0.readinessProbe.httpGet.port", 80.5)) != []
 
 
 # --- the runtime and its Template ----------------------------------------------------------------
