@@ -10,17 +10,15 @@ import json
 import re
 import time
 
-import boto3
 import httpx
 import pytest
+from conftest import S3_CREDENTIALS as CREDENTIALS
+from conftest import free_port, local_s3
 
-from conftest import free_port
 from sdserve import metrics
 from sdserve.adapter_store import open_store
 from sdserve.adapters import AdapterFetchError, Adapters
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-               "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "adapters"
 STORE = f"s3://{BUCKET}/loras/"
 RECIPE = {"description": "uploaded after start-up", "scale": 0.8, "num_inference_steps": 3}
@@ -29,18 +27,9 @@ RECIPE = {"description": "uploaded after start-up", "scale": 0.8, "num_inference
 @pytest.fixture(scope="module")
 def s3(models):
     """A local S3 endpoint whose store holds one adapter at start: ``first`` (the tiny ``trex``)."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    upload(client, models, "trex", "first")
-    yield endpoint, client
-    server.stop()
+    with local_s3(BUCKET) as (endpoint, client):
+        upload(client, models, "trex", "first")
+        yield endpoint, client
 
 
 def upload(client, models, source: str, name: str, recipe: dict | None = None) -> None:

@@ -4,36 +4,23 @@ KServe's own storage code to download, and a real server serving the result."""
 import json
 import stat
 
-import boto3
 import pytest
+from conftest import S3_CREDENTIALS as CREDENTIALS
+from conftest import local_s3
 
-from conftest import free_port
 from sdserve import storage
 from sdserve.model_store import ModelStoreError
-
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(models):
     """An S3 endpoint holding the tiny SDXL base + refiner under s3://models/sdxl/."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-    )
-    client.create_bucket(Bucket="models")
-    root = models["sdxl-refiner"]
-    for path in root.rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), "models", f"sdxl/{path.relative_to(root).as_posix()}")
-    yield endpoint
-    server.stop()
+    with local_s3("models") as (endpoint, client):
+        root = models["sdxl-refiner"]
+        for path in root.rglob("*"):
+            if path.is_file():
+                client.upload_file(str(path), "models", f"sdxl/{path.relative_to(root).as_posix()}")
+        yield endpoint
 
 
 def make_read_only(root):
