@@ -3,6 +3,8 @@
     sdserve [server flags]                 serve the model under --model_dir
     sdserve generate "prompt" -o out.png   make images, via a server (--url) or locally (--model_dir)
     sdserve tiny-model DIR [--kind KIND]   write a tiny random-weight model for tests and demos
+    sdserve train --model_dir DIR --images DIR --instance_prompt "a photo of sks dog" --name sks-dog --output DIR
+                                           fine-tune a DreamBooth LoRA adapter that servers serve (the train extra)
 """
 
 from __future__ import annotations
@@ -33,7 +35,25 @@ def generate_main(argv: list[str]) -> None:
     generate(argv)
 
 
-COMMANDS = {"tiny-model": tiny_model_main, "generate": generate_main}
+# What the train extra brings (accelerate and peft are base dependencies, but say so if they are gone).
+TRAIN_PACKAGES = ("ray", "tqdm", "accelerate", "peft")
+
+
+def train_main(argv: list[str]) -> None:
+    import importlib.util
+
+    try:
+        missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
+        from .training import main as train
+    except ImportError:
+        missing = ["sdserve.training"]
+    if missing:
+        print('sdserve train needs the training extra: pip install "sdserve[train]"', file=sys.stderr)
+        raise SystemExit(2)
+    train(argv)
+
+
+COMMANDS = {"tiny-model": tiny_model_main, "generate": generate_main, "train": train_main}
 
 
 def main(argv: list[str] | None = None) -> None:
