@@ -258,14 +258,14 @@ def test_requests_with_different_adapters_in_flight_together(with_loras):
 def test_a_new_adapter_folder_is_found_and_loaded_on_first_use(with_loras):
     adapters = with_loras.adapters
     assert not adapters.exists("fresh")
-    shutil.copytree(adapters.lora_dir / "trex", adapters.lora_dir / "fresh")
+    shutil.copytree(adapters.store.root / "trex", adapters.store.root / "fresh")
     try:
         common = {"prompt": "a dinosaur", "seed": 4, "num_inference_steps": 3}
         fresh = with_loras.images({**common, "loras": ["fresh"]})[0]
         assert np.array_equal(fresh, with_loras.images({**common, "loras": ["trex"]})[0])
         assert "fresh" in adapters.names()
     finally:
-        shutil.rmtree(adapters.lora_dir / "fresh")
+        shutil.rmtree(adapters.store.root / "fresh")
 
 
 def test_vae_tiling_decodes_large_images(models):
