@@ -116,14 +116,14 @@ def test_relisting_is_rate_limited(s3, models, tmp_path, monkeypatch):
     endpoint, client = s3
     for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(key, value)
-    adapters = Adapters(open_store(STORE, tmp_path), rescan_seconds=2)
+    adapters = Adapters(open_store(STORE, tmp_path), rescan_seconds=4)
     assert "first" in adapters.names()
     before = listings()
     assert not any(adapters.exists("ghost") for _ in range(20))
     assert listings() - before <= 1, "20 misses within the interval list the store at most once"
     upload(client, models, "trex", "fresh")
     assert not adapters.exists("fresh"), "listed less than --lora_relist_seconds ago: not listed again"
-    time.sleep(2.1)
+    time.sleep(4.1)
     assert adapters.exists("fresh")
     # fetched once, from the cache after that; nothing is downloaded at listing but recipes
     downloads = metrics.LORA_DOWNLOADS.labels(result="ok")._value.get()
