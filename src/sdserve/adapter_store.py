@@ -106,17 +106,18 @@ class LocalStore:
         return listed.recipe_dir / listed.weights
 
 
-class SnapshotStore:
+class SnapshotStore(LocalStore):
     """A remote location with no cheap listing: each listing downloads all of it (KServe's
-    storage code) into a fresh snapshot; the previous one is kept for adapters fetched from it."""
+    storage code) into a fresh snapshot, served as a local folder; the previous snapshot is kept
+    for adapters fetched from it."""
 
     preload = False
 
     def __init__(self, location: str, cache: Path):
+        super().__init__(None)
         self.location = location
         self.cache = cache
         self._snapshots: list[Path] = []
-        self._local = LocalStore(None)
 
     def list(self) -> tuple[dict[str, Listed], dict[str, str]]:
         try:
@@ -136,11 +137,8 @@ class SnapshotStore:
         for old in self._snapshots[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         self._snapshots = self._snapshots[-2:]
-        self._local = LocalStore(snapshot)
-        return self._local.list()
-
-    def fetch(self, name: str, listed: Listed) -> Path:
-        return listed.recipe_dir / listed.weights
+        self.root = snapshot
+        return super().list()
 
 
 def open_store(location: str | Path | None, download_dir: str | Path | None = None):
