@@ -17,7 +17,7 @@ import pytest
 from conftest import decode_png, encode, make_image, make_mask
 from PIL import Image
 
-from sdserve.generate_cli import sse_events
+from sdserve.stream_client import sse_events
 
 MAX_STEPS = 2000  # a request that would run for a long time unless it is stopped
 TIMED = 20  # steps of it timed, to know how long the rest would take

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from .imaging import encode_image
+from .stream_client import _openai_body, _server, generate_streamed
 
 # generation field -> (flag, type); the allowed values are the schema's (--show_parameters)
 FLAGS = {
@@ -42,8 +42,6 @@ FLAGS = {
     "timesteps": ("--timesteps", str),  # JSON text, e.g. "[999, 749, 499, 249]"
 }
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-# fields set by other flags than FLAGS', for --show_parameters
-OTHER_FLAGS = {"prompt": "PROMPT", "format": "-o", "image": "--image", "mask": "--mask", "loras": "--lora"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,110 +83,6 @@ def output_paths(output: str, seeds: list[int]) -> list[Path]:
     if len(seeds) == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{seed}{path.suffix}") for seed in seeds]
-
-
-def _server(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
-    url = (args.url or "http://localhost:8080").rstrip("/")
-    return url, {"Authorization": f"Bearer {args.token}"} if args.token else {}
-
-
-def _openai_body(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
-    """The request for the OpenAI generations route: sdserve's fields, with n and output_format."""
-    params = dict(params)
-    body = {"model": args.model_name, "prompt": args.prompt, "output_format": params.pop("format"), **params}
-    if "num_images" in body:
-        body["n"] = body.pop("num_images")
-    return body
-
-
-def sse_events(lines):
-    """(event, data) of server-sent event lines; comments (keep-alives) skipped."""
-    event, data = None, []
-    for line in lines:
-        if line == "":
-            if data:
-                yield event, json.loads("\n".join(data))
-            event, data = None, []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip())
-    if data:
-        yield event, json.loads("\n".join(data))
-
-
-class StreamProgress:
-    """The tqdm bar of a streamed request: the queue position while it waits, then the steps of
-    all its images (each image's steps summed)."""
-
-    def __init__(self, images: int):
-        from tqdm.auto import tqdm
-
-        self.images = images
-        self.steps: dict[int, tuple[int, int]] = {}  # image index -> (step, steps)
-        self.bar = tqdm(unit="step", desc="waiting", file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, data: dict[str, Any]) -> None:
-        if data.get("queue_position") is not None:
-            self.bar.set_description(f"queued (position {data['queue_position']})")
-            return
-        if data.get("steps") is None or data.get("image_index") is None:
-            return
-        self.steps[data["image_index"]] = (int(data["step"]), int(data["steps"]))
-        each = max(steps for _, steps in self.steps.values())
-        total = sum(steps for _, steps in self.steps.values()) + each * max(0, self.images - len(self.steps))
-        if self.bar.total != total:
-            self.bar.total = total
-        self.bar.set_description("denoising", refresh=False)
-        self.bar.n = sum(step for step, _ in self.steps.values())
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _error_message(response) -> str:
-    try:
-        answer = response.json()
-    except ValueError:
-        return response.text
-    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-        return answer["error"].get("message", answer["error"])
-    return answer.get("error", answer) if isinstance(answer, dict) else answer
-
-
-def generate_streamed(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
-    """The OpenAI generations route with ``stream: true, stream_progress: true``: a progress bar
-    from its events, and the completed images (byte for byte those of a plain request)."""
-    import httpx
-
-    url, headers = _server(args)
-    body = {**_openai_body(args, params), "stream": True, "stream_progress": True}
-    images: dict[int, tuple[bytes, int]] = {}
-    bar = StreamProgress(int(body.get("n", 1)))
-    try:
-        with httpx.stream("POST", f"{url}/openai/v1/images/generations", json=body, headers=headers,
-                          timeout=args.timeout) as response:
-            if response.status_code != 200:
-                response.read()
-                raise SystemExit(f"error {response.status_code}: {_error_message(response)}")
-            for event, data in sse_events(response.iter_lines()):
-                if event == "sdserve.progress":
-                    bar.update(data)
-                elif event == "image_generation.completed":
-                    images[data["image_index"]] = (base64.b64decode(data["b64_json"]), data["seed"])
-                elif event == "error":
-                    error = data.get("error", {})
-                    raise SystemExit(f"error: {error.get('message', error)}")
-    except httpx.HTTPError as exc:
-        raise SystemExit(f"error: {url}: {exc}") from None
-    finally:
-        bar.close()
-    if not images:
-        raise SystemExit("error: the server's stream ended without an image")
-    return [images[i] for i in sorted(images)]
 
 
 def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tuple[bytes, int]]:
@@ -235,7 +129,6 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
     import asyncio
 
     from kserve.errors import InvalidInput
-
     from tqdm.auto import tqdm
 
     from .generation import Progress
@@ -255,89 +148,6 @@ def generate_local(args: argparse.Namespace, params: dict[str, Any]) -> list[tup
     return [
         (encode_image(img, request.image_format, request.quality, request.image_parameters(seed, model.name)), seed)
         for img, seed in zip(result.images, result.seeds)
-    ]
-
-
-def request_schema(args: argparse.Namespace) -> dict[str, Any]:
-    """The JSON Schema of one request's parameters: the server's, or the local parser's."""
-    if args.model_dir:
-        model = load_local(args)
-        try:
-            return model.parser.schema()
-        finally:
-            model.stop()
-    import httpx
-
-    url, headers = _server(args)
-    try:
-        response = httpx.get(f"{url}/v1/models/{args.model_name}/schema", headers=headers, timeout=args.timeout)
-    except httpx.HTTPError as exc:
-        raise SystemExit(f"error: {url}: {exc}") from None
-    if response.status_code != 200:
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = response.text
-        reason = answer.get("error", answer) if isinstance(answer, dict) else answer
-        raise SystemExit(f"error {response.status_code}: {reason}")
-    return response.json()
-
-
-def _value(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _types(node: dict[str, Any]) -> list[str]:
-    if "anyOf" in node:
-        return [t for branch in node["anyOf"] for t in _types(branch)]
-    if "type" in node:
-        return [node["type"]] if isinstance(node["type"], str) else list(node["type"])
-    return ["object"] if "properties" in node else ["any"]
-
-
-def _allowed(node: dict[str, Any]) -> str:
-    """What a value may be, in words: choices, an interval, a length; "" where anything of its type goes."""
-    if "anyOf" in node:
-        return "; ".join(filter(None, (_allowed(branch) for branch in node["anyOf"])))
-    if "enum" in node or "const" in node:  # a single choice comes as const
-        return "one of: " + ", ".join(str(choice) for choice in node.get("enum", [node.get("const")]))
-    if node.get("type") == "boolean":
-        return "true or false"
-    parts = []
-    low = node.get("minimum", node.get("exclusiveMinimum"))
-    high = node.get("maximum", node.get("exclusiveMaximum"))
-    if low is not None or high is not None:
-        parts.append(f"{'(' if 'exclusiveMinimum' in node else '['}{_value(low) if low is not None else '-inf'}, "
-                     f"{_value(high) if high is not None else 'inf'}{')' if 'exclusiveMaximum' in node else ']'}")
-    if "multipleOf" in node:
-        parts.append(f"multiple of {_value(node['multipleOf'])}")
-    if "maxLength" in node:
-        parts.append(f"at most {node['maxLength']} characters")
-    if node.get("type") == "array":
-        least, most = node.get("minItems"), node.get("maxItems")
-        parts.append(f"{least} item{'s' * (least != 1)}" if least is not None and least == most else
-                     " ".join(filter(None, (least and f"at least {least}", most and f"at most {most}", "items"))))
-        items = node.get("prefixItems") or ([node["items"]] if "items" in node else [])
-        each = {_allowed(item) for item in items}
-        if len(each) == 1 and "" not in each:
-            parts.append(f"each {each.pop()}")
-    return ", ".join(parts)
-
-
-def describe_parameters(schema: dict[str, Any]) -> list[str]:
-    """One line per field of the schema: name, flag, type, default, allowed values, description."""
-    flags = {field: flag for field, (flag, _) in FLAGS.items()} | OTHER_FLAGS
-    required = set(schema.get("required", ()))
-    rows = [("field", "flag", "type", "default", "allowed", "")]
-    for name, node in schema.get("properties", {}).items():
-        default = "(required)" if name in required else _value(node.get("default"))
-        types = "|".join(dict.fromkeys(_types(node)))
-        rows.append((name, flags.get(name, ""), types, default, _allowed(node) or "-", node.get("description", "")))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return [
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + f"  {row[4]}"
-        + (f"  # {row[5]}" if row[5] else "")
-        for row in rows
     ]
 
 
@@ -361,6 +171,9 @@ def main(argv: list[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.show_parameters:
+        # imported here, not at the top: parameter_help reads this module's FLAGS and load_local
+        from .parameter_help import describe_parameters, request_schema
+
         print("\n".join(describe_parameters(request_schema(args))))
         sys.stdout.flush()
         return
