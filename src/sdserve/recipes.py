@@ -178,7 +178,8 @@ def checker(limits, capabilities) -> Check:
     """Validates a recipe's fields as a request of this server (limits) to this model would be:
     each field's rules, then the rules between fields. Returns the fields as validation resolved
     them (a sampler's canonical name, numbers as their type)."""
-    from .parameters import default_size, validate
+    from .parameter_errors import validate
+    from .parameters import default_size
     from .validation import RequestParser
 
     parser = RequestParser(limits, capabilities)

@@ -17,7 +17,8 @@ from kserve.errors import InvalidInput
 
 from . import image_input
 from .fields import AdapterCatalog, field_keys
-from .parameters import default_size, inline_definitions, parameters_model, validate
+from .parameter_errors import validate
+from .parameters import default_size, inline_definitions, parameters_model
 from .recipes import apply_recipes
 from .request import GenerationRequest, Limits, ModelCapabilities, RefinerMode
 from .schedulers import default_eta, max_steps, min_steps, sampler_fields, samplers_taking
