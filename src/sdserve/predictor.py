@@ -9,7 +9,6 @@ request and gives back its event stream).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -27,9 +26,11 @@ from .adapters import AdapterFetchError, Adapters
 from .errors import AdapterUnavailable, DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
 from .generation import Engine, EngineSettings, ModelBackend
 from .generation.policy import buckets
-from .generation.preview import Previewer, PreviewError
+from .generation.preview import Previewer
+from .preview_setup import model_previewer
 from .optimize import Optimizations
 from .prompts import counting_tokenizers, prompt_warnings
+from .request_policy import Call, Policy, admit
 from .protocol import openai_images, v1, v2
 from .protocol.openai_stream import ImageStream
 from .request import GenerationRequest, Limits
@@ -53,26 +54,6 @@ class ModelSettings:
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: model_store.LoadOptions = model_store.LoadOptions()
     optimizations: Optimizations = Optimizations()
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How requests are admitted and bounded, and when the worker counts as stuck."""
-
-    request_timeout_s: float = 600.0
-    stuck_after_s: float = 600.0
-    api_key: str | None = None
-
-
-TIMEOUT_HEADER = "x-request-timeout"
-
-
-@dataclass(frozen=True)
-class Call:
-    """One admitted request: its id and how long it may take."""
-
-    request_id: str
-    timeout_s: float
 
 
 class SDModel(kserve.Model):
@@ -128,7 +109,7 @@ class SDModel(kserve.Model):
         self.adapters.load_all(self.loaded.base)
         self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
         self.tokenizers = counting_tokenizers(self.loaded.base)
-        self._build_previewer()
+        self.previewer, self.preview_error = model_previewer(self.loaded, s.preview_vae, s.download_dir)
         opts = s.optimizations
         done = optimize.apply(self.loaded.base, opts)
         if self.loaded.refiner is not None:
@@ -247,30 +228,12 @@ class SDModel(kserve.Model):
         body, or for ``stream: true`` the stream of a request already queued."""
         return await self._tracked("openai", headers, request_id, lambda call: self._predict_openai(body, call))
 
-    def _admit(self, headers: dict[str, str], request_id: str) -> Call:
-        """Check the bearer token and work out the deadline, before any work."""
-        key = self.policy.api_key
-        if key is not None:
-            given = headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                raise Unauthorized("missing or wrong bearer token (Authorization: Bearer <key>)")
-        timeout = self.policy.request_timeout_s
-        if TIMEOUT_HEADER in headers:
-            try:
-                timeout = float(headers[TIMEOUT_HEADER])
-            except ValueError:
-                timeout = -1.0
-            if not 0 < timeout <= 86400:  # NaN fails this too
-                raise InvalidInput(f"{TIMEOUT_HEADER} header: must be seconds in (0, 86400], got {headers[TIMEOUT_HEADER]!r}")
-        return Call(request_id, timeout)
-
     async def _tracked(self, protocol: str, headers: dict[str, str], request_id: str, work) -> Any:
         """Admit, count, time and log one request of any protocol; ``work(call)`` does the rest."""
         metrics.REQUESTS.labels(protocol=protocol).inc()
         started = time.perf_counter()
         try:
-            response = await work(self._admit(headers, request_id))
+            response = await work(admit(self.policy, headers, request_id))
         except InvalidInput as exc:
             metrics.FAILURES.labels(reason="invalid_input").inc()
             log.info("request %s rejected: %s", request_id, exc.reason)
@@ -334,33 +297,6 @@ class SDModel(kserve.Model):
             return stream
         (result,) = await self.batch_engine.generate([request], call.request_id, call.timeout_s)
         return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name, warnings)
-
-    def _build_previewer(self) -> None:
-        """The previewer for partial images (never the model's VAE), built with the model on the
-        worker: the --preview_vae tiny VAE, else the family's linear latent-to-RGB map. A bad
-        --preview_vae stops start-up; a model with no linear map just has no previews."""
-        s, base = self.settings, self.loaded.base
-        vae = getattr(base, "vae", None)
-        if vae is None:
-            self.preview_error = "it has no VAE"
-            if s.preview_vae:
-                raise model_store.ModelStoreError(f"--preview_vae {s.preview_vae}: this model has no VAE to preview")
-            return
-        tiny_vae_dir = storage.local_path(s.preview_vae, s.download_dir) if s.preview_vae else None
-        try:
-            self.previewer = Previewer(self.loaded.capabilities.family, vae.config.latent_channels,
-                                       getattr(base, "vae_scale_factor", 8), tiny_vae_dir=tiny_vae_dir,
-                                       device=self.loaded.device, dtype=self.loaded.dtype)
-        except PreviewError as exc:
-            if s.preview_vae:
-                message = str(exc)
-                if tiny_vae_dir != s.preview_vae:  # downloaded: name the location as given
-                    message = message.replace(tiny_vae_dir, f"{s.preview_vae} ({tiny_vae_dir})", 1)
-                raise model_store.ModelStoreError(message) from None
-            self.preview_error = str(exc)
-            log.info("no partial images for this model: %s", exc)
-            return
-        log.info("partial images: %s", f"tiny VAE {s.preview_vae}" if s.preview_vae else "linear latent-to-RGB map")
 
     def _previewer(self) -> Previewer:
         """The cheap previewer for partial images (never the model's VAE)."""

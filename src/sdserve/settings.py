@@ -12,7 +12,8 @@ from .adapters import parse_fuse_lora
 from .generation import EngineSettings
 from .model_store import LoadOptions
 from .optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
-from .predictor import ModelSettings, Policy
+from .predictor import ModelSettings
+from .request_policy import Policy
 from .request import Limits
 
 # Several 1024x1024 images (PNG ~1.5 MB, raw tensor 3 MB each) exceed gRPC's 8 MiB default.
