@@ -87,17 +87,18 @@ def time_calls(fn, warmup: int, runs: int, device: torch.device) -> list[float]:
 # -- 2 and 4: the engine --------------------------------------------------------------------------
 def engine_run(model_dir: Path, args, device: torch.device) -> dict:
     """The engine as the server runs it: one worker thread loads, optimises and runs the step loop."""
-    from sdserve import model_store, optimize
     from sdserve.generation import Engine, EngineSettings, ModelBackend
+    from sdserve.models import loading, optimize
+    from sdserve.models.layout import discover
     from sdserve.request import Limits
     from sdserve.validation import RequestParser
 
-    dtype = model_store.resolve_dtype(args.dtype, device)
+    dtype = loading.resolve_dtype(args.dtype, device)
     call = dict(prompt=PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size)
     state: dict = {}
 
     def prepare() -> ModelBackend:  # on the worker thread
-        loaded = model_store.load(model_store.discover(model_dir), device, dtype)
+        loaded = loading.load(discover(model_dir), device, dtype)
         opts = optimizations(args)
         state["done"] = optimize.apply(loaded.base, opts)
         state["parser"] = RequestParser(Limits(max_steps=100), loaded.capabilities)
@@ -130,7 +131,7 @@ def engine_run(model_dir: Path, args, device: torch.device) -> dict:
 
 
 def optimizations(args):
-    from sdserve.optimize import Optimizations
+    from sdserve.models.optimize import Optimizations
 
     return Optimizations(fuse_qkv=args.fuse_qkv, channels_last=args.channels_last, compile=args.compile,
                          compile_mode=args.compile_mode)

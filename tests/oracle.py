@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from sdserve.generation.decode import to_uint8
-from sdserve.model_store import LoadedModel
+from sdserve.models.loading import LoadedModel
+from sdserve.models.schedulers import build_scheduler
 from sdserve.request import GenerationRequest, RefinerMode
-from sdserve.schedulers import build_scheduler
 
 # Different batch compositions may round differently in batched kernels; images must stay within
 # this many levels of 255 at the 99th percentile of pixels.
@@ -154,13 +154,14 @@ class LocalEngine:
         self.engine.start(lambda: self._prepare(path, faults, load_options, optimizations)).result()
 
     def _prepare(self, path, faults, load_options, optimizations):
-        from sdserve import model_store, optimize
         from sdserve.generation import ModelBackend
+        from sdserve.models import loading, optimize
+        from sdserve.models.layout import discover
         from sdserve.request import Limits
         from sdserve.validation import RequestParser
 
-        options = load_options or model_store.LoadOptions()
-        self.model = model_store.load(model_store.discover(path), torch.device("cpu"), torch.float32, options=options)
+        options = load_options or loading.LoadOptions()
+        self.model = loading.load(discover(path), torch.device("cpu"), torch.float32, options=options)
         if self.adapters is not None:
             self.adapters.load_all(self.model.base)
         if optimizations is not None:

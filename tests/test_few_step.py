@@ -4,13 +4,14 @@ alone and inside mixed traffic; bad values are a 400 that names the field."""
 
 import numpy as np
 import pytest
-from conftest import b64_image, make_image
 from kserve.errors import InvalidInput
-from oracle import TOLERANCE, LocalEngine, diff_p99, max_diff
 from prometheus_client import REGISTRY
 
-from sdserve.request import Limits, ModelCapabilities, RefinerMode
-from sdserve.schedulers import FLOW_SCHEDULERS, SCHEDULERS
+from conftest import b64_image, make_image
+from oracle import TOLERANCE, LocalEngine, diff_p99, max_diff
+from sdserve.models.capabilities import ModelCapabilities
+from sdserve.models.schedulers import FLOW_SCHEDULERS, SCHEDULERS
+from sdserve.request import Limits, RefinerMode
 from sdserve.validation import RequestParser
 
 BASE = {"prompt": "a cat", "seed": 5, "width": 128, "height": 128, "num_inference_steps": 4, "negative_prompt": "ugly"}

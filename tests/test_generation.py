@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from oracle import TOLERANCE, LocalEngine, diff_p99, max_diff
-from sdserve.schedulers import FLOW_SCHEDULERS, SCHEDULERS
+from sdserve.models.schedulers import FLOW_SCHEDULERS, SCHEDULERS
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def engines(models, tmp_path_factory):
     shutil.copytree(models["sd"], v_model)
     config = v_model / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
-    from sdserve.model_store import LoadOptions
+    from sdserve.models.loading import LoadOptions
 
     made = {kind: LocalEngine(models[kind]) for kind in ("sdxl-refiner", "sd", "sd3")}
     made["sd-v"] = LocalEngine(v_model)
@@ -269,7 +269,7 @@ def test_a_new_adapter_folder_is_found_and_loaded_on_first_use(with_loras):
 
 
 def test_vae_tiling_decodes_large_images(models):
-    from sdserve.model_store import LoadOptions
+    from sdserve.models.loading import LoadOptions
 
     engine = LocalEngine(models["sd"], load_options=LoadOptions(vae_tiling=True, vae_slicing=True))
     try:
@@ -284,7 +284,7 @@ def test_memoised_lms_steps_exactly_as_diffusers_lms(models):
     import diffusers
     import torch
 
-    from sdserve.schedulers import MemoisedLMSDiscreteScheduler, build_scheduler
+    from sdserve.models.schedulers import MemoisedLMSDiscreteScheduler, build_scheduler
 
     config = json.loads((models["sdxl"] / "scheduler" / "scheduler_config.json").read_text())
     first, second = build_scheduler("LMS Karras", config), build_scheduler("LMS Karras", config)

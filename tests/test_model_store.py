@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from sdserve import model_store
-from sdserve.model_store import ModelStoreError, discover
+from sdserve.models import loading
+from sdserve.models.layout import ModelStoreError, discover
 
 
 def test_root_diffusers_folder(models):
@@ -58,10 +58,10 @@ def test_refiner_folder_without_index(models, tmp_path):
 def test_malformed_model_index(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ModelStoreError, match="cannot read .*model_index.json"):
-        model_store.load(discover(tmp_path), torch.device("cpu"), torch.float32)
+        loading.load(discover(tmp_path), torch.device("cpu"), torch.float32)
     (tmp_path / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(ModelStoreError, match="has no '_class_name' naming the pipeline"):
-        model_store.load(discover(tmp_path), torch.device("cpu"), torch.float32)
+        loading.load(discover(tmp_path), torch.device("cpu"), torch.float32)
 
 
 def test_unsupported_pipeline_class(models, tmp_path):
@@ -71,7 +71,7 @@ def test_unsupported_pipeline_class(models, tmp_path):
     index["_class_name"] = "FluxPipeline"
     (root / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelStoreError, match="FluxPipeline is not supported; supported: StableDiffusionXLPipeline"):
-        model_store.load(discover(root), torch.device("cpu"), torch.float32)
+        loading.load(discover(root), torch.device("cpu"), torch.float32)
 
 
 def test_pickle_weights_are_refused(models, tmp_path):
@@ -80,7 +80,7 @@ def test_pickle_weights_are_refused(models, tmp_path):
     unet = root / "unet"
     (unet / "diffusion_pytorch_model.safetensors").rename(unet / "diffusion_pytorch_model.bin")
     with pytest.raises(ModelStoreError, match=r"unet holds only pickle weights \(diffusion_pytorch_model.bin\); sdserve loads safetensors only"):
-        model_store.load(discover(root), torch.device("cpu"), torch.float32)
+        loading.load(discover(root), torch.device("cpu"), torch.float32)
 
 
 def test_missing_component_folder(models, tmp_path):
@@ -88,7 +88,7 @@ def test_missing_component_folder(models, tmp_path):
     shutil.copytree(models["sd"], root)
     shutil.rmtree(root / "vae")
     with pytest.raises(ModelStoreError, match="component folder vae/ named in model_index.json is missing"):
-        model_store.load(discover(root), torch.device("cpu"), torch.float32)
+        loading.load(discover(root), torch.device("cpu"), torch.float32)
 
 
 def test_fp16_variant_only_folders_load(models, tmp_path):
@@ -96,12 +96,12 @@ def test_fp16_variant_only_folders_load(models, tmp_path):
     shutil.copytree(models["sd"], root)
     for weights in root.glob("*/*.safetensors"):
         weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
-    loaded = model_store.load(discover(root), torch.device("cpu"), torch.float32)
+    loaded = loading.load(discover(root), torch.device("cpu"), torch.float32)
     assert loaded.capabilities.pipeline_class == "StableDiffusionPipeline"
 
 
 def test_refiner_shares_text_encoder_2_and_vae(models):
-    loaded = model_store.load(discover(models["sdxl-refiner"]), torch.device("cpu"), torch.float32)
+    loaded = loading.load(discover(models["sdxl-refiner"]), torch.device("cpu"), torch.float32)
     assert loaded.refiner.text_encoder_2 is loaded.base.text_encoder_2
     assert loaded.refiner.vae is loaded.base.vae
     caps = loaded.capabilities
@@ -110,7 +110,7 @@ def test_refiner_shares_text_encoder_2_and_vae(models):
 
 def test_refiner_must_pair_with_sdxl(models):
     with pytest.raises(ModelStoreError, match="must be a StableDiffusionXLImg2ImgPipeline next to a StableDiffusionXLPipeline base"):
-        model_store.load(
+        loading.load(
             discover(models["sd"], refiner_dir=models["sdxl-refiner"] / "refiner"), torch.device("cpu"), torch.float32
         )
 
@@ -122,8 +122,8 @@ def test_single_file_checkpoint_with_local_configs(models, tmp_path):
     layout = discover(tmp_path / "sf")  # the folder: its only .safetensors, configs from config/
     assert layout.base == checkpoint and layout.config == tmp_path / "sf" / "config"
     assert discover(checkpoint).base == checkpoint  # or the file itself
-    single = model_store.load(layout, torch.device("cpu"), torch.float32)
-    folder = model_store.load(discover(models["sd"]), torch.device("cpu"), torch.float32)
+    single = loading.load(layout, torch.device("cpu"), torch.float32)
+    folder = loading.load(discover(models["sd"]), torch.device("cpu"), torch.float32)
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(single.base, name).state_dict(), getattr(folder.base, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -139,19 +139,19 @@ def test_single_file_errors(tmp_path):
 
 
 def test_sd3_with_and_without_t5(tmp_path):
-    from sdserve.model_store import LoadOptions
+    from sdserve.models.loading import LoadOptions
     from sdserve.tiny import write_tiny_model
 
     root = write_tiny_model(tmp_path / "sd3", "sd3")
-    full = model_store.load(discover(root), torch.device("cpu"), torch.float32)
+    full = loading.load(discover(root), torch.device("cpu"), torch.float32)
     assert full.capabilities.family == "sd3" and full.capabilities.has_t5
     assert full.capabilities.scheduler_family == "flow" and full.capabilities.default_width == 256
-    slim = model_store.load(discover(root), torch.device("cpu"), torch.float32, options=LoadOptions(drop_t5=True))
+    slim = loading.load(discover(root), torch.device("cpu"), torch.float32, options=LoadOptions(drop_t5=True))
     assert slim.base.text_encoder_3 is None and not slim.capabilities.has_t5
 
 
 def test_offload_needs_a_gpu(models):
-    from sdserve.model_store import LoadOptions
+    from sdserve.models.loading import LoadOptions
 
     with pytest.raises(ModelStoreError, match="--offload model moves weights to a GPU on demand; it needs a CUDA device"):
-        model_store.load(discover(models["sd"]), torch.device("cpu"), torch.float32, options=LoadOptions(offload="model"))
+        loading.load(discover(models["sd"]), torch.device("cpu"), torch.float32, options=LoadOptions(offload="model"))

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import decode_png
-from sdserve import model_store
 from sdserve.imaging import read_metadata
+from sdserve.models import loading
+from sdserve.models.layout import discover
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_dreambooth_output_folder_serves_like_a_base_model(models, tmp_path):
     (out / "checkpoint-500").mkdir()
     (out / "checkpoint-500" / "optimizer.bin").write_bytes(b"pickle")
     (out / "logs").mkdir()
-    loaded = model_store.load(model_store.discover(out), torch.device("cpu"), torch.float32)
+    loaded = loading.load(discover(out), torch.device("cpu"), torch.float32)
     assert loaded.capabilities.pipeline_class == "StableDiffusionXLPipeline"
 
 

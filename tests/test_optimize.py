@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from oracle import LocalEngine
-from sdserve.optimize import Optimizations, parse_sizes
+from sdserve.models.optimize import Optimizations, parse_sizes
 
 # Reordered float maths (fused matmuls, NHWC convolutions, inductor's kernels) may move a pixel by
 # a level or two out of 255; anything more is a real change.

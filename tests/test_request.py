@@ -7,11 +7,11 @@ import math
 import jsonschema
 import pytest
 from kserve.errors import InvalidInput
-
 from PIL import Image
 
 from sdserve.fields import ALIASES, FIELDS
-from sdserve.request import MAX_SEED, GenerationRequest, Limits, ModelCapabilities, RefinerMode
+from sdserve.models.capabilities import ModelCapabilities
+from sdserve.request import MAX_SEED, GenerationRequest, Limits, RefinerMode
 from sdserve.validation import RequestParser
 
 SDXL = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl", has_refiner=True)

@@ -5,11 +5,11 @@ import json
 import stat
 
 import pytest
+
 from conftest import S3_CREDENTIALS as CREDENTIALS
 from conftest import local_s3
-
-from sdserve import storage
-from sdserve.model_store import ModelStoreError
+from sdserve.models import storage
+from sdserve.models.layout import ModelStoreError
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import storage
-from .model_store import PICKLE_SUFFIXES, ModelStoreError
+from .models import storage
+from .models.layout import PICKLE_SUFFIXES, ModelStoreError
 
 log = logging.getLogger("sdserve")
 

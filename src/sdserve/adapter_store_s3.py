@@ -15,7 +15,6 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from . import storage
 from .adapter_store import (
     NAME,
     AdapterFetchError,
@@ -23,7 +22,8 @@ from .adapter_store import (
     check_safetensors,
     pick_weights,
 )
-from .model_store import ModelStoreError
+from .models import storage
+from .models.layout import ModelStoreError
 from .recipes import MAX_BYTES, RECIPE_FILE
 
 log = logging.getLogger("sdserve")

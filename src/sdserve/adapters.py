@@ -28,7 +28,7 @@ from pathlib import Path
 from . import metrics
 from .adapter_store import NAME, AdapterFetchError, Listed, LocalStore
 from .fields import LORA_SCALE
-from .model_store import ModelStoreError
+from .models.layout import ModelStoreError
 from .recipes import RECIPE_FILE, Check, Fused, Recipe, RecipeError, read_recipe
 
 log = logging.getLogger("sdserve")

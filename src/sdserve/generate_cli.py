@@ -109,7 +109,7 @@ def generate_remote(args: argparse.Namespace, params: dict[str, Any]) -> list[tu
 def load_local(args: argparse.Namespace):
     """The server's own model, parser and engine, loaded here with the server's default limits."""
     from .generation import EngineSettings
-    from .model_store import ModelStoreError
+    from .models.layout import ModelStoreError
     from .predictor import ModelSettings, SDModel
     from .request import Limits
 

@@ -20,20 +20,29 @@ import kserve
 from kserve import InferRequest
 from kserve.errors import InvalidInput
 
-from . import metrics, model_store, optimize, recipes, storage
+from . import metrics, recipes
 from .adapter_store import open_store
 from .adapters import AdapterFetchError, Adapters
-from .errors import AdapterUnavailable, DeadlineExceeded, ImageTooLarge, QueueFull, ShuttingDown, Unauthorized
+from .errors import (
+    AdapterUnavailable,
+    DeadlineExceeded,
+    ImageTooLarge,
+    QueueFull,
+    ShuttingDown,
+    Unauthorized,
+)
 from .generation import Engine, EngineSettings, ModelBackend
 from .generation.policy import buckets
 from .generation.preview import Previewer
+from .models import loading, optimize, storage
+from .models.layout import ModelStoreError, discover
+from .models.optimize import Optimizations
 from .preview_setup import model_previewer
-from .optimize import Optimizations
 from .prompts import counting_tokenizers, prompt_warnings
-from .request_policy import Call, Policy, admit
 from .protocol import openai_images, v1, v2
 from .protocol.openai_stream import ImageStream
 from .request import GenerationRequest, Limits
+from .request_policy import Call, Policy, admit
 from .validation import RequestParser
 
 log = logging.getLogger("sdserve")
@@ -52,7 +61,7 @@ class ModelSettings:
     lora_relist_seconds: float = 10.0  # a request naming an unknown adapter lists the store at most this often
     fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
     download_dir: str | None = None  # where remote model locations are downloaded to
-    load_options: model_store.LoadOptions = model_store.LoadOptions()
+    load_options: loading.LoadOptions = loading.LoadOptions()
     optimizations: Optimizations = Optimizations()
 
 
@@ -72,7 +81,7 @@ class SDModel(kserve.Model):
         self.limits = limits
         self.engine_settings = engine_settings
         self.policy = policy
-        self.loaded: model_store.LoadedModel | None = None
+        self.loaded: loading.LoadedModel | None = None
         self.parser: RequestParser | None = None
         self.tokenizers: dict = {}
         self.adapters: Adapters | None = None
@@ -98,10 +107,10 @@ class SDModel(kserve.Model):
         started = time.perf_counter()
         model_dir = storage.local_path(s.model_dir, s.download_dir)
         refiner_dir = storage.local_path(s.refiner_dir, s.download_dir) if s.refiner_dir else None
-        layout = model_store.discover(model_dir, refiner_dir, s.config_dir)
-        device = model_store.resolve_device(s.device)
-        dtype = model_store.resolve_dtype(s.dtype, device)
-        self.loaded = model_store.load(layout, device, dtype, s.default_steps, s.load_options)
+        layout = discover(model_dir, refiner_dir, s.config_dir)
+        device = loading.resolve_device(s.device)
+        dtype = loading.resolve_dtype(s.dtype, device)
+        self.loaded = loading.load(layout, device, dtype, s.default_steps, s.load_options)
         caps = self.loaded.capabilities
         store = open_store(s.lora_dir or Path(model_dir) / "loras", s.download_dir)
         self.adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(self.limits, caps),
@@ -144,7 +153,7 @@ class SDModel(kserve.Model):
                 try:
                     requests = [self.parser.parse({**values, "num_images": 1}) for _ in range(images)]
                 except InvalidInput as exc:
-                    raise model_store.ModelStoreError(f"--warmup: {exc.reason}") from None
+                    raise ModelStoreError(f"--warmup: {exc.reason}") from None
                 plan.append((f"{width}x{height}, {rows} denoiser row(s)", requests))
         return plan
 

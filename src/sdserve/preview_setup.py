@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from . import storage
 from .generation.preview import Previewer, PreviewError
-from .model_store import LoadedModel, ModelStoreError
+from .models import storage
+from .models.layout import ModelStoreError
+from .models.loading import LoadedModel
 
 log = logging.getLogger("sdserve")
 

@@ -34,7 +34,7 @@ from typing import Any
 from kserve.errors import InvalidInput
 
 from .fields import ALIASES, FIELDS, LORA_SCALE
-from .schedulers import FAMILIES, resolve_scheduler_name
+from .models.schedulers import FAMILIES, resolve_scheduler_name
 
 RECIPE_FILE = "sdserve.json"
 # The generation fields a recipe may preset; those the request model does not know are left out.

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 
 from .errors import ServingError, request_validation_handler, serving_error_handler
 from .middleware import RequestGuard
-from .model_store import ModelStoreError
+from .models.layout import ModelStoreError
 from .settings import ServerConfig
 
 log = logging.getLogger("sdserve")
@@ -90,8 +90,8 @@ def serve(config: ServerConfig) -> None:
     from kserve import model_server
 
     from . import routes
-    from .protocol import v2
     from .predictor import SDModel
+    from .protocol import v2
 
     args = config.args
     configure_logging(args)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from .adapters import parse_fuse_lora
 from .generation import EngineSettings
-from .model_store import LoadOptions
-from .optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
+from .models.loading import LoadOptions
+from .models.optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
 from .predictor import ModelSettings
-from .request_policy import Policy
 from .request import Limits
+from .request_policy import Policy
 
 # Several 1024x1024 images (PNG ~1.5 MB, raw tensor 3 MB each) exceed gRPC's 8 MiB default.
 GRPC_MESSAGE_BYTES = 256 * 1024 * 1024

@@ -10,7 +10,7 @@ import torch
 
 from ..adapters import Adapters
 from ..faults import Faults
-from ..model_store import LoadedModel
+from ..models.loading import LoadedModel
 from ..request import GenerationRequest, RefinerMode
 from .admission import Job
 from .families import BY_FAMILY, Phase, SDXLRefinerPhase

@@ -38,7 +38,7 @@ __all__ = ["InputError", "TrainOptions", "check_inputs", "main"]
 def check_inputs(opts: TrainOptions) -> None:
     """All that can be checked before the model is loaded; raises InputError. A remote model is
     checked where it is downloaded (by the training processes)."""
-    from ..storage import is_remote
+    from ..models.storage import is_remote
     from . import dataset
 
     check_name(opts.name)

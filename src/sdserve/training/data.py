@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from .. import storage
 from ..generation import ModelBackend
-from ..model_store import ModelStoreError
+from ..models import storage
+from ..models.layout import ModelStoreError
 from . import dataset, prior
 from .dataset import Example
 from .model import TrainModel, time_ids

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .. import storage
-from ..model_store import ModelStoreError
+from ..models import storage
+from ..models.layout import ModelStoreError
 from . import checkpoints, data, lora, model, output, processes
 from .objective import Objective
 from .options import InputError, TrainOptions, check_resolution, inspect_model

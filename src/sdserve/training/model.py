@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import model_store
-from ..model_store import LoadedModel, ModelLayout, ModelStoreError
+from ..models import loading
+from ..models.layout import ModelLayout, ModelStoreError, discover
+from ..models.loading import LoadedModel
 from .options import InputError
 
 
@@ -80,8 +81,8 @@ def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], siz
 def load(model_dir: str, family: str, device: torch.device, dtype: torch.dtype) -> TrainModel:
     """The base pipeline only (a refiner beside it is not trained), on ``device`` in ``dtype``."""
     try:
-        layout = model_store.discover(model_dir)
-        loaded = model_store.load(ModelLayout(base=layout.base, config=layout.config), device, dtype)
+        layout = discover(model_dir)
+        loaded = loading.load(ModelLayout(base=layout.base, config=layout.config), device, dtype)
     except ModelStoreError as exc:
         raise InputError(f"--model_dir: {exc}") from None
     return TrainModel(loaded, family)

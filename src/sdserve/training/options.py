@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..adapters import NAME
-from ..model_store import ModelStoreError, discover, read_model_index
+from ..models.layout import ModelStoreError, discover, read_model_index
+from ..models.storage import is_remote
 from ..request import Limits
-from ..storage import is_remote
 
 # The pipelines a DreamBooth LoRA is trained for: SD 1.x/2.x and SDXL base.
 TRAINABLE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -252,7 +252,7 @@ def check_name(name: str) -> None:
 
 def check_output(output: str) -> None:
     if output.startswith("s3://"):
-        from ..storage import split_s3_uri
+        from ..models.storage import split_s3_uri
 
         try:
             split_s3_uri(output)

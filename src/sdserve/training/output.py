@@ -13,9 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from ..adapter_store import WEIGHTS  # the file name servers look for first in an adapter folder
+# WEIGHTS: the file name servers look for first in an adapter folder
+from ..adapter_store import WEIGHTS
 from ..recipes import RECIPE_FILE, parse_recipe
-
 
 
 class PublishError(RuntimeError):
@@ -74,7 +74,7 @@ def publish(weights: Path, recipe_data: dict, output: str, name: str) -> str:
 
 
 def _upload(weights: Path, recipe_file: Path, output: str, name: str) -> str:
-    from ..storage import s3_client, split_s3_uri
+    from ..models.storage import s3_client, split_s3_uri
 
     bucket, prefix = split_s3_uri(output)
     folder = f"{prefix.rstrip('/')}/{name}" if prefix.strip("/") else name

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ..generation import Job, ModelBackend
 from ..generation.loop import StepLoop
-from ..model_store import LoadedModel
+from ..models.loading import LoadedModel
 from ..request import Limits
 from ..validation import RequestParser
 

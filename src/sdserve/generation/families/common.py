@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...models.schedulers import build_scheduler
 from ...request import GenerationRequest
-from ...schedulers import build_scheduler
 from ..image_start import mask_processor
 from ..state import ImageState, Rows, Schedule
 

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .model_store import ModelStoreError
+from .layout import ModelStoreError
 
 log = logging.getLogger("sdserve")
 
