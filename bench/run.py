@@ -90,8 +90,8 @@ def engine_run(model_dir: Path, args, device: torch.device) -> dict:
     from sdserve.generation import Engine, EngineSettings, ModelBackend
     from sdserve.models import loading, optimize
     from sdserve.models.layout import discover
-    from sdserve.request import Limits
-    from sdserve.validation import RequestParser
+    from sdserve.request.types import Limits
+    from sdserve.request.validation import RequestParser
 
     dtype = loading.resolve_dtype(args.dtype, device)
     call = dict(prompt=PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size)

@@ -15,7 +15,7 @@ import torch
 from sdserve.generation.decode import to_uint8
 from sdserve.models.loading import LoadedModel
 from sdserve.models.schedulers import build_scheduler
-from sdserve.request import GenerationRequest, RefinerMode
+from sdserve.request.types import GenerationRequest, RefinerMode
 
 # Different batch compositions may round differently in batched kernels; images must stay within
 # this many levels of 255 at the 99th percentile of pixels.
@@ -157,8 +157,8 @@ class LocalEngine:
         from sdserve.generation import ModelBackend
         from sdserve.models import loading, optimize
         from sdserve.models.layout import discover
-        from sdserve.request import Limits
-        from sdserve.validation import RequestParser
+        from sdserve.request.types import Limits
+        from sdserve.request.validation import RequestParser
 
         options = load_options or loading.LoadOptions()
         self.model = loading.load(discover(path), torch.device("cpu"), torch.float32, options=options)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image, make_mask
-from sdserve.imaging import read_metadata
+from sdserve.protocol.image_encoding import read_metadata
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -105,7 +105,7 @@ def test_generate_awaits_without_blocking_the_event_loop(engine_factory):
 
 
 def test_a_request_that_breaks_fails_alone_and_the_worker_survives(engine_factory, models, tmp_path):
-    from sdserve.adapters import Adapters
+    from sdserve.adapters.library import Adapters
 
     model = tmp_path / "model"
     shutil.copytree(models["sdxl-loras"], model)
@@ -142,7 +142,7 @@ def test_drain_finishes_queued_work_and_refuses_new(engine_factory):
 
 
 def test_busy_seconds_measures_one_step_not_the_whole_request(engine_factory):
-    from sdserve.faults import Faults
+    from sdserve.generation.faults import Faults
 
     engine = engine_factory(faults=Faults(hang_prompt="hang", hang_seconds=1.0))
     assert engine.engine.busy_seconds() == 0

@@ -11,8 +11,8 @@ from conftest import b64_image, make_image
 from oracle import TOLERANCE, LocalEngine, diff_p99, max_diff
 from sdserve.models.capabilities import ModelCapabilities
 from sdserve.models.schedulers import FLOW_SCHEDULERS, SCHEDULERS
-from sdserve.request import Limits, RefinerMode
-from sdserve.validation import RequestParser
+from sdserve.request.types import Limits, RefinerMode
+from sdserve.request.validation import RequestParser
 
 BASE = {"prompt": "a cat", "seed": 5, "width": 128, "height": 128, "num_inference_steps": 4, "negative_prompt": "ugly"}
 DMD2 = [999, 749, 499, 249]  # DMD2's four-step schedule

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode, make_image, make_mask
-from sdserve.imaging import read_metadata
+from sdserve.protocol.image_encoding import read_metadata
 
 
 def generate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

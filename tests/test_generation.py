@@ -186,7 +186,7 @@ def test_images_of_different_sizes_take_turns(engines):
 
 def test_out_of_memory_retries_in_halves_then_names_the_size(models):
     from sdserve.errors import ImageTooLarge
-    from sdserve.faults import Faults
+    from sdserve.generation.faults import Faults
 
     # denoiser calls of more than two 128x128 images "run out of memory"
     engine = LocalEngine(models["sdxl"], faults=Faults(oom_pixels=2 * 128 * 128))
@@ -202,7 +202,7 @@ def test_out_of_memory_retries_in_halves_then_names_the_size(models):
 
 def test_counting_tokens_on_another_thread_does_not_disturb_generation(engines):
     """Fast tokenizers keep truncation/padding state per object: counting must use copies."""
-    from sdserve.prompts import counting_tokenizers, prompt_warnings
+    from sdserve.request.prompts import counting_tokenizers, prompt_warnings
 
     engine = engines["sdxl-refiner"]
     tokenizers = counting_tokenizers(engine.model.base)
@@ -225,7 +225,7 @@ def test_counting_tokens_on_another_thread_does_not_disturb_generation(engines):
 
 @pytest.fixture(scope="module")
 def with_loras(models):
-    from sdserve.adapters import Adapters
+    from sdserve.adapters.library import Adapters
 
     engine = LocalEngine(models["sdxl-loras"], adapters=Adapters(models["sdxl-loras"] / "loras", rescan_seconds=0))
     yield engine

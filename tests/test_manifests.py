@@ -17,7 +17,7 @@ import yaml
 from crd_schema import schema_errors, with_value
 
 from sdserve import metrics
-from sdserve.settings import load_config
+from sdserve.server.settings import load_config
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 

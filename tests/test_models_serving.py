@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import decode_png
-from sdserve.imaging import read_metadata
+from sdserve.protocol.image_encoding import read_metadata
 from sdserve.models import loading
 from sdserve.models.layout import discover
 

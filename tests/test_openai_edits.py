@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import b64_image, decode_png, encode, make_image, make_mask
-from sdserve.imaging import read_metadata
+from sdserve.protocol.image_encoding import read_metadata
 
 MAX_INPUT_PIXELS = 1_000_000
 FAST = {"seed": 5, "num_inference_steps": 4}

@@ -17,7 +17,7 @@ import pytest
 from conftest import decode_png, encode, make_image, make_mask
 from PIL import Image
 
-from sdserve.stream_client import sse_events
+from sdserve.cli.stream_client import sse_events
 
 MAX_STEPS = 2000  # a request that would run for a long time unless it is stopped
 TIMED = 20  # steps of it timed, to know how long the rest would take
@@ -311,7 +311,7 @@ def test_quality_still_sets_the_steps_when_they_are_not_given(client):
     low = client.images.generate(prompt="x", quality="low", size="128x128", extra_body={"seed": 3})
     steps_given = client.images.generate(prompt="x", quality="high", size="128x128",
                                          extra_body={"seed": 3, "num_inference_steps": 4})
-    from sdserve.imaging import read_metadata
+    from sdserve.protocol.image_encoding import read_metadata
 
     meta = [read_metadata(base64.b64decode(r.data[0].b64_json)) for r in (low, steps_given)]
     assert meta[1]["num_inference_steps"] == 4  # the steps given win over quality

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode, make_image
-from sdserve.imaging import read_metadata
+from sdserve.protocol.image_encoding import read_metadata
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a sandboxed CI machine with no network beyond loopback.

@@ -13,12 +13,12 @@ from kserve.errors import InvalidInput
 
 from conftest import b64_image, decode_png, make_image
 from oracle import TOLERANCE, LocalEngine, diff_p99, max_diff
-from sdserve.adapters import Adapters
-from sdserve.fields import FIELDS
-from sdserve.imaging import read_metadata
-from sdserve.recipes import RECIPE_FILE, checker
-from sdserve.request import Limits
-from sdserve.validation import RequestParser
+from sdserve.adapters.library import Adapters
+from sdserve.request.fields import FIELDS
+from sdserve.protocol.image_encoding import read_metadata
+from sdserve.request.recipes import RECIPE_FILE, checker
+from sdserve.request.types import Limits
+from sdserve.request.validation import RequestParser
 
 TREX = {"scheduler": "euler a", "num_inference_steps": 3, "guidance_scale": 1, "width": 128, "height": 128,
         "scale": 0.6, "description": "tiny T. rex style", "license": "CC0-1.0"}

@@ -9,10 +9,10 @@ import pytest
 from kserve.errors import InvalidInput
 from PIL import Image
 
-from sdserve.fields import ALIASES, FIELDS
+from sdserve.request.fields import ALIASES, FIELDS
 from sdserve.models.capabilities import ModelCapabilities
-from sdserve.request import MAX_SEED, GenerationRequest, Limits, RefinerMode
-from sdserve.validation import RequestParser
+from sdserve.request.types import MAX_SEED, GenerationRequest, Limits, RefinerMode
+from sdserve.request.validation import RequestParser
 
 SDXL = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl", has_refiner=True)
 SDXL_NO_REFINER = ModelCapabilities("StableDiffusionXLPipeline", 1024, 1024, 30, 5.0, family="sdxl")

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from conftest import Server
 
-from sdserve.imaging import read_metadata
-from sdserve.stream_client import sse_events
+from sdserve.protocol.image_encoding import read_metadata
+from sdserve.cli.stream_client import sse_events
 
 STEPS = 4
 

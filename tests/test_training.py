@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdserve.recipes import read_recipe
+from sdserve.request.recipes import read_recipe
 from sdserve.tiny import write_tiny_model
 from sdserve.training import main as train_main
 
@@ -209,7 +209,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_lora_settings(tiny, tmp_pat
 
 def test_prior_preservation_makes_class_images_with_the_engine_and_reuses_them(tiny, tmp_path):
     """SD 2.x-style model; the class images are those `sdserve generate --model_dir` makes."""
-    from sdserve.generate_cli import main as generate
+    from sdserve.cli.generate import main as generate
 
     def flags(count: int) -> list[str]:
         return [*FAST, "--max_train_steps", "2", "--class_prompt", "a photo of a pattern", "--num_class_images",
@@ -353,7 +353,7 @@ def test_the_cli_refuses_bad_input_with_exit_status_2(tiny, tmp_path):
 def test_without_the_training_extra_the_cli_says_how_to_install_it(monkeypatch, capsys):
     import importlib.util
 
-    from sdserve import cli
+    from sdserve.cli import main as cli
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))

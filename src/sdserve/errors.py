@@ -1,11 +1,10 @@
 """Errors a client can see besides invalid input (``kserve.errors.InvalidInput`` -> 400), with
 their HTTP answer and gRPC status. They derive from grpc_interceptor's ``GrpcException`` so
-KServe's gRPC interceptor maps them to the right status code; REST handlers are below."""
+KServe's gRPC interceptor maps them to the right status code; their REST answers are in
+``server/error_handlers.py``."""
 
 from __future__ import annotations
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
 from grpc import StatusCode
 from grpc_interceptor.exceptions import GrpcException
 
@@ -54,10 +53,6 @@ class GenerationFailed(ServingError):
     status_code = StatusCode.INTERNAL
 
 
-async def serving_error_handler(_: Request, exc: ServingError) -> JSONResponse:
-    return JSONResponse(status_code=exc.http_status, content={"error": str(exc)}, headers=exc.headers())
-
-
 class DeadlineExceeded(ServingError):
     """The request's deadline passed before its images were done."""
 
@@ -88,12 +83,3 @@ class Unauthorized(ServingError):
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
 
-
-async def request_validation_handler(_: Request, exc) -> JSONResponse:
-    """FastAPI's default answer echoes the offending input, and fails (500) when that input is
-    NaN or infinity; this one names the fields without echoing values."""
-    problems = [
-        f"{'.'.join(str(p) for p in error['loc'] if p != 'body') or 'body'}: {error['msg']}"
-        for error in exc.errors()[:5]
-    ]
-    return JSONResponse(status_code=422, content={"error": "invalid request: " + "; ".join(problems)})

@@ -17,7 +17,7 @@ from typing import Callable
 
 from .. import metrics
 from ..errors import DeadlineExceeded, QueueFull, ShuttingDown
-from ..request import GenerationRequest
+from ..request.types import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from collections import defaultdict
 
 import torch
 
-from ..adapters import Adapters
-from ..faults import Faults
+from ..adapters.library import Adapters
 from ..models.loading import LoadedModel
-from ..request import GenerationRequest, RefinerMode
+from ..request.types import GenerationRequest, RefinerMode
 from .admission import Job
 from .families import BY_FAMILY, Phase, SDXLRefinerPhase
+from .faults import Faults
 from .image_start import begin_from_image, encode_start
 from .state import ImageState, Rows
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 from .. import metrics
 from ..errors import GenerationFailed, ShuttingDown
-from ..request import GenerationRequest, GenerationResult
+from ..request.types import GenerationRequest, GenerationResult
 from .admission import AdmissionQueue, Job, Progress
 from .backend import ModelBackend
 from .loop import StepLoop

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..request import GenerationRequest
+from ..request.types import GenerationRequest
 from .state import ImageState, Inpaint
 
 if TYPE_CHECKING:
@@ -33,12 +32,6 @@ class EncodedStart:
     image: Any  # the VAE's latent distribution of the start image
     mask: torch.Tensor | None = None  # at latent size: 1 = repaint
     masked_image: Any = None  # the latent distribution of the image with the masked region blanked
-
-
-def mask_processor(phase: "Phase") -> VaeImageProcessor:
-    """The inpaint pipelines' mask processor: grayscale, binarised at 0.5, not normalised."""
-    return VaeImageProcessor(vae_scale_factor=phase.pipe.vae_scale_factor, do_normalize=False, do_binarize=True,
-                             do_convert_grayscale=True)
 
 
 def encode_start(phase: "Phase", request: GenerationRequest, dtype: torch.dtype) -> EncodedStart:

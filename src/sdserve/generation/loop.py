@@ -21,7 +21,7 @@ import torch
 
 from .. import metrics
 from ..errors import GenerationFailed, ImageTooLarge
-from ..request import GenerationResult
+from ..request.types import GenerationResult
 from .admission import Job, Progress
 from .backend import ModelBackend
 from .decode import decode

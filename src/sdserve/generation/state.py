@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .admission import Job
 
-if TYPE_CHECKING:
-    from .families.common import Phase
-
 _ids = itertools.count()
+
+
+class Phase(Protocol):
+    """What the step loop reads of the phase an image is in (``families.common.Phase`` is one)."""
+
+    name: str  # "base" or "refiner"
+    uses_adapters: bool  # LoRA adapters apply to its denoiser
 
 
 @dataclass(eq=False)
@@ -30,7 +34,7 @@ class Rows:
 class Schedule:
     """One phase of one image: its own scheduler and the timesteps it will call the denoiser at."""
 
-    phase: "Phase"
+    phase: Phase
     rows: Rows
     scheduler: Any
     timesteps: torch.Tensor  # the scheduler's own values, handed back to scheduler.step

@@ -25,11 +25,11 @@ from typing import Any
 
 from kserve.errors import InvalidInput
 
-from ..fields import ALIASES, FIELDS
-from ..image_input import alpha_mask, decode_image, has_transparency
-from ..imaging import b64, encode_image
-from ..request import GenerationRequest, GenerationResult
-from ..validation import RequestParser
+from ..request.fields import ALIASES, FIELDS
+from ..request.image_input import alpha_mask, decode_image, has_transparency
+from ..request.types import GenerationRequest, GenerationResult
+from ..request.validation import RequestParser
+from .image_encoding import b64, encode_image
 
 # OpenAI quality names -> multiple of the default number of steps.
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "auto": 1.0, "standard": 1.0, "high": 1.5, "hd": 1.5, "xhigh": 2.0, "max": 2.0}

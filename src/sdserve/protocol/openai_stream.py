@@ -31,7 +31,7 @@ from starlette.responses import StreamingResponse
 
 from .. import metrics
 from ..generation.admission import Job, Progress
-from ..imaging import b64, encode_image
+from .image_encoding import b64, encode_image
 from .openai_images import OpenAIRequest, encode_final, error_body
 
 log = logging.getLogger("sdserve")

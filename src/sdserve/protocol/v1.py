@@ -13,9 +13,9 @@ from typing import Any
 
 from kserve.errors import InvalidInput
 
-from ..imaging import b64, encode_image
-from ..request import GenerationRequest, GenerationResult
-from ..validation import RequestParser
+from ..request.types import GenerationRequest, GenerationResult
+from ..request.validation import RequestParser
+from .image_encoding import b64, encode_image
 
 TOP_LEVEL = ("instances", "parameters")
 

@@ -23,10 +23,10 @@ from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 
-from ..fields import ALIASES
-from ..imaging import b64, encode_image
-from ..request import GenerationRequest, GenerationResult
-from ..validation import RequestParser
+from ..request.fields import ALIASES
+from ..request.types import GenerationRequest, GenerationResult
+from ..request.validation import RequestParser
+from .image_encoding import b64, encode_image
 from .v2_inputs import IMAGE, MASK, NEGATIVE_PROMPT, PROMPT, decode_binary_request, read_inputs
 
 OUTPUT_FORMATS = ("image", "tensor")

@@ -17,7 +17,7 @@ from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import RequestedOutput
 from PIL import Image
 
-from .. import image_input
+from ..request import image_input
 
 PROMPT = "prompt"
 NEGATIVE_PROMPT = "negative_prompt"

@@ -103,8 +103,12 @@ def _unet(cross_attention_dim: int, time_ids: int | None, text_embed_dim: int = 
 def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0, inpaint: bool = False):
     """(base, refiner or None): a tiny SDXL base and optionally its refiner sharing text_encoder_2/vae;
     ``inpaint`` makes the base a StableDiffusionXLInpaintPipeline with a 9-channel UNet."""
-    from diffusers import (EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -159,7 +163,12 @@ def build_sd(scratch: Path, seed: int = 0, inpaint: bool = False):
 
 def build_sd3(scratch: Path, seed: int = 0):
     """A tiny StableDiffusion3Pipeline: MMDiT transformer, two CLIP encoders and a T5 encoder."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -194,10 +203,9 @@ def write_lora(pipeline, dest: Path, seed: int) -> Path:
     """A small random LoRA on the denoiser's attention projections, made with peft and saved in
     the diffusers LoRA format (``pytorch_lora_weights.safetensors``), as diffusers' DreamBooth
     LoRA training scripts save it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     torch.manual_seed(seed)
     denoiser_name = "transformer" if hasattr(pipeline, "transformer") else "unet"

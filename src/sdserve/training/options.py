@@ -13,10 +13,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..adapters import NAME
+from ..adapters.library import NAME
 from ..models.layout import ModelStoreError, discover, read_model_index
 from ..models.storage import is_remote
-from ..request import Limits
+from ..request.types import Limits
 
 # The pipelines a DreamBooth LoRA is trained for: SD 1.x/2.x and SDXL base.
 TRAINABLE = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 # WEIGHTS: the file name servers look for first in an adapter folder
-from ..adapter_store import WEIGHTS
-from ..recipes import RECIPE_FILE, parse_recipe
+from ..adapters.store import WEIGHTS
+from ..request.recipes import RECIPE_FILE, parse_recipe
 
 
 class PublishError(RuntimeError):

@@ -10,8 +10,8 @@ from PIL import Image
 from ..generation import Job, ModelBackend
 from ..generation.loop import StepLoop
 from ..models.loading import LoadedModel
-from ..request import Limits
-from ..validation import RequestParser
+from ..request.types import Limits
+from ..request.validation import RequestParser
 
 
 class EngineImages:

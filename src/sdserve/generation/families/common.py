@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ...models.schedulers import build_scheduler
-from ...request import GenerationRequest
-from ..image_start import mask_processor
+from ...request.types import GenerationRequest
 from ..state import ImageState, Rows, Schedule
 
 
@@ -34,6 +34,12 @@ def negatives(requests: list[GenerationRequest], encoder: int) -> list[str] | No
 @functools.cache
 def _step_parameters(scheduler_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(scheduler_class.step).parameters)
+
+
+def mask_processor(phase: "Phase") -> VaeImageProcessor:
+    """The inpaint pipelines' mask processor: grayscale, binarised at 0.5, not normalised."""
+    return VaeImageProcessor(vae_scale_factor=phase.pipe.vae_scale_factor, do_normalize=False, do_binarize=True,
+                             do_convert_grayscale=True)
 
 
 class Phase:

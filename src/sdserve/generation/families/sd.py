@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...request import GenerationRequest
+from ...request.types import GenerationRequest
 from ..state import ImageState, Rows, Schedule
 from .common import Phase, negatives
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from ...request import GenerationRequest
+from ...request.types import GenerationRequest
 from ..state import ImageState, Rows, Schedule
 from .common import Phase, negatives
 

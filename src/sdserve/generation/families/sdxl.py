@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from ...request import GenerationRequest, RefinerMode
+from ...request.types import GenerationRequest, RefinerMode
 from ..state import ImageState, Rows, Schedule
 from .common import Phase, negatives
 

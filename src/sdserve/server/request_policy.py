@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kserve.errors import InvalidInput
 
-from .errors import Unauthorized
+from ..errors import Unauthorized
 
 
 @dataclass(frozen=True)

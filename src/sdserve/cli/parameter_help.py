@@ -9,8 +9,9 @@ import argparse
 import json
 from typing import Any
 
-from .generate_cli import FLAGS, load_local
-from .stream_client import _server
+from .generate_options import FLAGS
+from .local_model import load_local
+from .stream_client import server_address
 
 # fields set by other flags than FLAGS', for --show_parameters
 OTHER_FLAGS = {"prompt": "PROMPT", "format": "-o", "image": "--image", "mask": "--mask", "loras": "--lora"}
@@ -26,7 +27,7 @@ def request_schema(args: argparse.Namespace) -> dict[str, Any]:
             model.stop()
     import httpx
 
-    url, headers = _server(args)
+    url, headers = server_address(args)
     try:
         response = httpx.get(f"{url}/v1/models/{args.model_name}/schema", headers=headers, timeout=args.timeout)
     except httpx.HTTPError as exc:

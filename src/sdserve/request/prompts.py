@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from .request import GenerationRequest
+from .types import GenerationRequest
 
 
 def counting_tokenizers(pipeline) -> dict:

@@ -10,9 +10,10 @@ import sys
 
 from fastapi.exceptions import RequestValidationError
 
-from .errors import ServingError, request_validation_handler, serving_error_handler
+from ..errors import ServingError
+from ..models.layout import ModelStoreError
+from .error_handlers import request_validation_handler, serving_error_handler
 from .middleware import RequestGuard
-from .models.layout import ModelStoreError
 from .settings import ServerConfig
 
 log = logging.getLogger("sdserve")
@@ -89,9 +90,9 @@ def serve(config: ServerConfig) -> None:
     import kserve
     from kserve import model_server
 
+    from ..protocol import v2
     from . import routes
     from .predictor import SDModel
-    from .protocol import v2
 
     args = config.args
     configure_logging(args)

@@ -1,5 +1,5 @@
 """LoRA adapters: one folder per adapter in ``--lora_dir`` (default ``<model_dir>/loras``), a local
-folder or a remote store (``adapter_store.py``: ``s3://...`` and the other schemes the model store
+folder or a remote store (``locations.py``: ``s3://...`` and the other schemes the model store
 reads), each holding diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``, as
 diffusers' DreamBooth LoRA training saves them).
 
@@ -11,7 +11,7 @@ so every replica serves a new upload without a restart. The worker loads it when
 admitted; the base weights stay as they are. Request names are only ever compared with the names
 listed, never joined into a path.
 
-A folder may also hold a recipe (``sdserve.json``, see ``recipes.py``): read and validated at each
+A folder may also hold a recipe (``sdserve.json``, see ``request/recipes.py``): read and validated at each
 listing; an adapter whose recipe is refused is not offered. ``--fuse_lora NAME[:SCALE]`` fuses one
 adapter into the base weights at start-up: requests pay no LoRA cost for it, cannot name it, and
 get its recipe as the server's defaults.
@@ -25,11 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-from . import metrics
-from .adapter_store import NAME, AdapterFetchError, Listed, LocalStore
-from .fields import LORA_SCALE
-from .models.layout import ModelStoreError
-from .recipes import RECIPE_FILE, Check, Fused, Recipe, RecipeError, read_recipe
+from .. import metrics
+from ..models.layout import ModelStoreError
+from ..request.fields import LORA_SCALE
+from ..request.recipes import RECIPE_FILE, Check, Fused, Recipe, RecipeError, read_recipe
+from .store import NAME, AdapterFetchError, Listed, LocalStore
 
 log = logging.getLogger("sdserve")
 
@@ -63,7 +63,7 @@ class Adapters:
 
     def __init__(self, store, rescan_seconds: float = 5.0, check: Check | None = None,
                  fuse: tuple[str, float | None] | None = None):
-        """``store`` is an ``adapter_store`` store, or a local folder (None: no adapters);
+        """``store`` is a store of ``locations.py``, or a local folder (None: no adapters);
         ``check`` validates a recipe's generation fields against the loaded model (without it,
         only the recipe's form and keys are checked); ``fuse`` is ``--fuse_lora``, done by
         :meth:`load_all`. Listing the store fails here (ModelStoreError) when it cannot be read."""

@@ -1,14 +1,9 @@
 """Where LoRA adapters come from: ``--lora_dir``, a local folder or a remote location.
 
 A store lists its adapters (name -> :class:`Listed`) and fetches one adapter's weights to a local
-file when it is first used. Three kinds:
-
-* :class:`LocalStore`: a folder (a mounted volume too), one sub-folder per adapter; nothing to fetch.
-* ``s3://bucket/prefix/`` (``adapter_store_s3.S3Store``): the listing is one paginated
-  ``ListObjectsV2``; each adapter's ``sdserve.json`` comes with the listing, its weights are
-  downloaded on first use into the download cache.
-* any other scheme KServe's storage code reads (``gs://``, ``hf://``, ``https://``, ...):
-  :class:`SnapshotStore` downloads the whole location at each listing and serves the copy.
+file when it is first used. This module holds what every store shares and :class:`LocalStore`, a
+folder (a mounted volume too), one sub-folder per adapter, nothing to fetch; ``s3.py`` and
+``snapshot.py`` hold the remote ones and ``locations.py`` picks one for ``--lora_dir``.
 
 A store never joins a request's text into a path: names come from the listing, and only names
 that pass :data:`NAME` are listed.
@@ -18,13 +13,10 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import storage
-from .models.layout import PICKLE_SUFFIXES, ModelStoreError
+from ..models.layout import PICKLE_SUFFIXES
 
 log = logging.getLogger("sdserve")
 
@@ -104,51 +96,3 @@ class LocalStore:
 
     def fetch(self, name: str, listed: Listed) -> Path:
         return listed.recipe_dir / listed.weights
-
-
-class SnapshotStore(LocalStore):
-    """A remote location with no cheap listing: each listing downloads all of it (KServe's
-    storage code) into a fresh snapshot, served as a local folder; the previous snapshot is kept
-    for adapters fetched from it."""
-
-    preload = False
-
-    def __init__(self, location: str, cache: Path):
-        super().__init__(None)
-        self.location = location
-        self.cache = cache
-        self._snapshots: list[Path] = []
-
-    def list(self) -> tuple[dict[str, Listed], dict[str, str]]:
-        try:
-            from kserve_storage import Storage
-        except ImportError:
-            raise ModelStoreError(f"--lora_dir {self.location} is remote and the storage support is not installed: "
-                                  "pip install 'sdserve[storage]'") from None
-        storage.data_connection_env()
-        self.cache.mkdir(parents=True, exist_ok=True)
-        snapshot = Path(tempfile.mkdtemp(prefix="snapshot-", dir=self.cache))
-        try:
-            Storage.download(self.location, str(snapshot))
-        except Exception as exc:  # storage backends raise anything
-            shutil.rmtree(snapshot, ignore_errors=True)
-            raise ModelStoreError(f"cannot download {self.location}: {exc}") from exc
-        self._snapshots.append(snapshot)
-        for old in self._snapshots[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-        self._snapshots = self._snapshots[-2:]
-        self.root = snapshot
-        return super().list()
-
-
-def open_store(location: str | Path | None, download_dir: str | Path | None = None):
-    """The store for ``--lora_dir``: local folder, S3, or a downloaded snapshot."""
-    if location is None or not storage.is_remote(str(location)):
-        return LocalStore(Path(location) if location is not None else None)
-    location = str(location)
-    cache = storage.cache_dir(location, download_dir, kind="loras")
-    if location.startswith("s3://"):
-        from .adapter_store_s3 import S3Store
-
-        return S3Store(location, cache)
-    return SnapshotStore(location, cache)

@@ -30,11 +30,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from ..models.capabilities import ModelCapabilities
+from ..models.schedulers import FAMILIES, SPACINGS, resolve_scheduler_name
 from .fields import ALIASES, FIELDS, LORA_SCALE, MAX_LORAS, AdapterCatalog
-from .models.capabilities import ModelCapabilities
-from .models.schedulers import FAMILIES, SPACINGS, resolve_scheduler_name
 from .parameter_errors import Expect
-from .request import IMAGE_FORMATS, MAX_SEED, Limits, RefinerMode
+from .types import IMAGE_FORMATS, MAX_SEED, Limits, RefinerMode
 
 SIZE_CONDITIONING = 16384  # bounds of the SDXL micro-conditioning pairs
 

@@ -18,10 +18,10 @@ from kserve.errors import InvalidInput
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from .errors import ServingError
+from ..errors import ServingError
+from ..protocol.openai_images import EditForm, ModelNotServed, error_body
+from ..protocol.openai_stream import EventStreamResponse, ImageStream
 from .predictor import SDModel
-from .protocol.openai_images import EditForm, ModelNotServed, error_body
-from .protocol.openai_stream import EventStreamResponse, ImageStream
 
 OPENAI_PREFIX = "/openai/v1"
 _STARTED = int(time.time())

@@ -13,12 +13,12 @@ import sys
 from typing import Any
 
 
-def _server(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+def server_address(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
     url = (args.url or "http://localhost:8080").rstrip("/")
     return url, {"Authorization": f"Bearer {args.token}"} if args.token else {}
 
 
-def _openai_body(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+def openai_body(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
     """The request for the OpenAI generations route: sdserve's fields, with n and output_format."""
     params = dict(params)
     body = {"model": args.model_name, "prompt": args.prompt, "output_format": params.pop("format"), **params}
@@ -90,8 +90,8 @@ def generate_streamed(args: argparse.Namespace, params: dict[str, Any]) -> list[
     from its events, and the completed images (byte for byte those of a plain request)."""
     import httpx
 
-    url, headers = _server(args)
-    body = {**_openai_body(args, params), "stream": True, "stream_progress": True}
+    url, headers = server_address(args)
+    body = {**openai_body(args, params), "stream": True, "stream_progress": True}
     images: dict[int, tuple[bytes, int]] = {}
     bar = StreamProgress(int(body.get("n", 1)))
     try:

@@ -15,20 +15,20 @@ from typing import Any
 
 from kserve.errors import InvalidInput
 
-from . import image_input
-from .fields import AdapterCatalog, field_keys
-from .models.capabilities import ModelCapabilities
-from .models.schedulers import (
+from ..models.capabilities import ModelCapabilities
+from ..models.schedulers import (
     default_eta,
     max_steps,
     min_steps,
     sampler_fields,
     samplers_taking,
 )
+from . import image_input
+from .fields import AdapterCatalog, field_keys
 from .parameter_errors import validate
 from .parameters import default_size, inline_definitions, parameters_model
-from .recipes import apply_recipes
-from .request import GenerationRequest, Limits, RefinerMode
+from .recipe_defaults import apply_recipes
+from .types import GenerationRequest, Limits, RefinerMode
 
 # Fields only some model families read; the others would silently ignore them, so they are refused.
 FAMILY_FIELDS: dict[str, tuple[str, ...]] = {

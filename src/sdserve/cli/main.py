@@ -14,7 +14,7 @@ import sys
 
 
 def tiny_model_main(argv: list[str]) -> None:
-    from .tiny import KINDS, write_tiny_model
+    from ..tiny import KINDS, write_tiny_model
 
     parser = argparse.ArgumentParser(prog="sdserve tiny-model", description=write_tiny_model.__doc__)
     parser.add_argument("dest", help="folder to write the model to")
@@ -30,7 +30,7 @@ def tiny_model_main(argv: list[str]) -> None:
 
 
 def generate_main(argv: list[str]) -> None:
-    from .generate_cli import main as generate
+    from .generate import main as generate
 
     generate(argv)
 
@@ -44,7 +44,7 @@ def train_main(argv: list[str]) -> None:
 
     try:
         missing = [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
-        from .training import main as train
+        from ..training import main as train
     except ImportError:
         missing = ["sdserve.training"]
     if missing:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
-    from .server import serve
-    from .settings import load_config
+    from ..server.app import serve
+    from ..server.settings import load_config
 
     serve(load_config(argv))

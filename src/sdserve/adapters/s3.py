@@ -15,16 +15,16 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from .adapter_store import (
+from ..models import storage
+from ..models.layout import ModelStoreError
+from ..request.recipes import MAX_BYTES, RECIPE_FILE
+from .store import (
     NAME,
     AdapterFetchError,
     Listed,
     check_safetensors,
     pick_weights,
 )
-from .models import storage
-from .models.layout import ModelStoreError
-from .recipes import MAX_BYTES, RECIPE_FILE
 
 log = logging.getLogger("sdserve")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from .generation.preview import Previewer, PreviewError
-from .models import storage
-from .models.layout import ModelStoreError
-from .models.loading import LoadedModel
+from ..generation.preview import Previewer, PreviewError
+from ..models import storage
+from ..models.layout import ModelStoreError
+from ..models.loading import LoadedModel
 
 log = logging.getLogger("sdserve")
 

@@ -20,10 +20,9 @@ import kserve
 from kserve import InferRequest
 from kserve.errors import InvalidInput
 
-from . import metrics, recipes
-from .adapter_store import open_store
-from .adapters import AdapterFetchError, Adapters
-from .errors import (
+from .. import metrics
+from ..adapters import AdapterFetchError, Adapters, open_store
+from ..errors import (
     AdapterUnavailable,
     DeadlineExceeded,
     ImageTooLarge,
@@ -31,19 +30,20 @@ from .errors import (
     ShuttingDown,
     Unauthorized,
 )
-from .generation import Engine, EngineSettings, ModelBackend
-from .generation.policy import buckets
-from .generation.preview import Previewer
-from .models import loading, optimize, storage
-from .models.layout import ModelStoreError, discover
-from .models.optimize import Optimizations
+from ..generation import Engine, EngineSettings, ModelBackend
+from ..generation.policy import buckets
+from ..generation.preview import Previewer
+from ..models import loading, optimize, storage
+from ..models.layout import ModelStoreError, discover
+from ..models.optimize import Optimizations
+from ..protocol import openai_images, v1, v2
+from ..protocol.openai_stream import ImageStream
+from ..request import recipes
+from ..request.prompts import counting_tokenizers, prompt_warnings
+from ..request.types import GenerationRequest, Limits
+from ..request.validation import RequestParser
 from .preview_setup import model_previewer
-from .prompts import counting_tokenizers, prompt_warnings
-from .protocol import openai_images, v1, v2
-from .protocol.openai_stream import ImageStream
-from .request import GenerationRequest, Limits
 from .request_policy import Call, Policy, admit
-from .validation import RequestParser
 
 log = logging.getLogger("sdserve")
 
