@@ -105,7 +105,7 @@ def test_generate_awaits_without_blocking_the_event_loop(engine_factory):
 
 
 def test_a_request_that_breaks_fails_alone_and_the_worker_survives(engine_factory, models, tmp_path):
-    from sdserve.adapters.library import Adapters
+    from sdserve.adapters import Adapters
 
     model = tmp_path / "model"
     shutil.copytree(models["sdxl-loras"], model)

@@ -225,7 +225,7 @@ def test_counting_tokens_on_another_thread_does_not_disturb_generation(engines):
 
 @pytest.fixture(scope="module")
 def with_loras(models):
-    from sdserve.adapters.library import Adapters
+    from sdserve.adapters import Adapters
 
     engine = LocalEngine(models["sdxl-loras"], adapters=Adapters(models["sdxl-loras"] / "loras", rescan_seconds=0))
     yield engine

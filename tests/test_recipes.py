@@ -13,7 +13,7 @@ from kserve.errors import InvalidInput
 
 from conftest import b64_image, decode_png, make_image
 from oracle import TOLERANCE, LocalEngine, diff_p99, max_diff
-from sdserve.adapters.library import Adapters
+from sdserve.adapters import Adapters
 from sdserve.request.fields import FIELDS
 from sdserve.protocol.image_encoding import read_metadata
 from sdserve.request.recipes import RECIPE_FILE, checker

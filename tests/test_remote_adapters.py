@@ -16,8 +16,8 @@ from conftest import S3_CREDENTIALS as CREDENTIALS
 from conftest import free_port, local_s3
 
 from sdserve import metrics
-from sdserve.adapters.store import open_store
-from sdserve.adapters.library import AdapterFetchError, Adapters
+from sdserve.adapters import open_store
+from sdserve.adapters import AdapterFetchError, Adapters
 
 BUCKET = "adapters"
 STORE = f"s3://{BUCKET}/loras/"

@@ -16,7 +16,8 @@ def load_local(args: argparse.Namespace):
     from ..generation import EngineSettings
     from ..models.layout import ModelStoreError
     from ..request.types import Limits
-    from ..server.predictor import ModelSettings, SDModel
+    from ..server.model_setup import ModelSettings
+    from ..server.predictor import SDModel
 
     limits = Limits()
     settings = ModelSettings(model_dir=args.model_dir, refiner_dir=args.refiner_dir, lora_dir=args.lora_dir,

@@ -30,6 +30,7 @@ from ..request.image_input import alpha_mask, decode_image, has_transparency
 from ..request.types import GenerationRequest, GenerationResult
 from ..request.validation import RequestParser
 from .image_encoding import b64, encode_image
+from .multipart_form import form_values
 
 # OpenAI quality names -> multiple of the default number of steps.
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "auto": 1.0, "standard": 1.0, "high": 1.5, "hd": 1.5, "xhigh": 2.0, "max": 2.0}
@@ -52,9 +53,6 @@ SHADOWED = {"num_images", "num_images_per_prompt", "format", "output_image_forma
 # Fields that set the number of steps, so that quality does not.
 _STEP_FIELDS = {"num_inference_steps", "timesteps"} | {k for k, v in ALIASES.items() if v == "num_inference_steps"}
 # Multipart carries only text: the SDK sends booleans as "true"/"false" (lists as repeated key[]).
-_FORM_BOOLEANS = {"stream", "stream_progress", "refiner"}
-# name, name[], name[key] or name[][key]: how the SDK flattens lists and objects into form parts
-_FORM_KEY = re.compile(r"(?P<name>[^\[\]]+)(?:\[(?P<index>[^\[\]]*)\](?:\[(?P<key>[^\[\]]+)\])?)?")
 
 
 class ModelNotServed(Exception):
@@ -137,51 +135,6 @@ def parse_openai_edit(items: list[tuple[str, str | bytes]], parser: RequestParse
         mapped["mask"] = mask
     sent = 1 + (mask_value is not None)
     return OpenAIRequest(parser.parse(mapped), True, quality, background, stream, input_images=sent)
-
-
-def form_values(items: list[tuple[str, str | bytes]]) -> dict[str, Any]:
-    """Form parts as JSON-like values, undoing the SDK's flattening: ``k[]`` parts make a list,
-    ``k[x]`` an object, ``k[][x]`` a list of objects; ``image`` may repeat (like ``image[]``)."""
-    values: dict[str, Any] = {}
-    shapes: dict[str, str] = {}  # name -> the form it came in, so one name comes in one form only
-    rows: dict[str, dict[str, list]] = {}  # name[][x] parts: name -> x -> values in order
-    for key, value in items:
-        match = _FORM_KEY.fullmatch(key)
-        if match is None:
-            raise InvalidInput(f"{key}: unsupported form field name; use name, name[], name[key] or name[][key]")
-        name, index, sub = match["name"], match["index"], match["key"]
-        if isinstance(value, str) and name in _FORM_BOOLEANS and value.lower() in ("true", "false"):
-            value = value.lower() == "true"
-        shape = "name" if index is None else "name[]" if index == "" and sub is None else \
-            "name[][key]" if index == "" else "name[key]" if sub is None else "nested"
-        if shape == "nested":
-            raise InvalidInput(f"{key}: unsupported form field name; use name, name[], name[key] or name[][key]")
-        if shapes.setdefault(name, shape) != shape:
-            raise InvalidInput(f"{key}: {name} is also given as {shapes[name].replace('name', name)}; use one form")
-        if shape == "name" and name in values:
-            if name != "image":  # curl -F image=@a -F image=@b means a list, as image[] does
-                raise InvalidInput(f"{name}: given more than once; give it once")
-            values[name] = (values[name] if isinstance(values[name], list) else [values[name]]) + [value]
-        elif shape == "name":
-            values[name] = value
-        elif shape == "name[]":
-            values.setdefault(name, []).append(value)
-        elif shape == "name[key]":
-            if index in values.setdefault(name, {}):
-                raise InvalidInput(f"{key}: given more than once; give it once")
-            values[name][index] = value
-        else:
-            rows.setdefault(name, {}).setdefault(sub, []).append(value)
-    for name, columns in rows.items():
-        # The SDK sends all name[][a] parts, then all name[][b] parts, so the i-th of each key
-        # makes object i: unambiguous only when every object has every key.
-        if len({len(column) for column in columns.values()}) != 1:
-            raise InvalidInput(
-                f"{name}: objects with different keys do not survive form encoding; give every object the "
-                f"same keys, or send {name} as JSON text (e.g. extra_body={{'{name}': json.dumps([...])}})"
-            )
-        values[name] = [dict(zip(columns, row)) for row in zip(*columns.values())]
-    return values
 
 
 def _check_openai(values: dict[str, Any], model_name: str, parser: RequestParser,

@@ -3,7 +3,8 @@ everything that decides what a request may be.
 
     types.py             GenerationRequest, GenerationResult, Limits, RefinerMode
     fields.py            every field name, its description and its aliases
-    parameters.py        what each field's values may be (one pydantic model per server)
+    field_types.py       what each kind of field value may be (annotated types with their checks)
+    parameters.py        the fields put together: one pydantic model per server (limits, model)
     parameter_errors.py  the 400 wording: the field, the value and what is allowed
     validation.py        RequestParser: a dict of fields -> GenerationRequest, all checks in one place
     image_input.py       start images and masks: decoded, size-checked, converted

@@ -12,8 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import kserve
@@ -21,7 +19,7 @@ from kserve import InferRequest
 from kserve.errors import InvalidInput
 
 from .. import metrics
-from ..adapters import AdapterFetchError, Adapters, open_store
+from ..adapters import AdapterFetchError, Adapters
 from ..errors import (
     AdapterUnavailable,
     DeadlineExceeded,
@@ -31,38 +29,18 @@ from ..errors import (
     Unauthorized,
 )
 from ..generation import Engine, EngineSettings, ModelBackend
-from ..generation.policy import buckets
 from ..generation.preview import Previewer
-from ..models import loading, optimize, storage
-from ..models.layout import ModelStoreError, discover
-from ..models.optimize import Optimizations
+from ..models import loading
 from ..protocol import openai_images, v1, v2
 from ..protocol.openai_stream import ImageStream
-from ..request import recipes
-from ..request.prompts import counting_tokenizers, prompt_warnings
+from ..request.prompts import prompt_warnings
 from ..request.types import GenerationRequest, Limits
 from ..request.validation import RequestParser
-from .preview_setup import model_previewer
+from . import model_setup
+from .model_setup import ModelSettings
 from .request_policy import Call, Policy, admit
 
 log = logging.getLogger("sdserve")
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    model_dir: str
-    refiner_dir: str | None = None
-    config_dir: str | None = None  # diffusers configs for a single-file checkpoint
-    lora_dir: str | None = None  # default: <model_dir>/loras
-    preview_vae: str | None = None  # --preview_vae: AutoencoderTiny folder for partial images
-    device: str = "auto"
-    dtype: str = "auto"
-    default_steps: int | None = None
-    lora_relist_seconds: float = 10.0  # a request naming an unknown adapter lists the store at most this often
-    fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
-    download_dir: str | None = None  # where remote model locations are downloaded to
-    load_options: loading.LoadOptions = loading.LoadOptions()
-    optimizations: Optimizations = Optimizations()
 
 
 class SDModel(kserve.Model):
@@ -103,59 +81,14 @@ class SDModel(kserve.Model):
         return self.ready
 
     def _prepare(self) -> ModelBackend:
-        s = self.settings
-        started = time.perf_counter()
-        model_dir = storage.local_path(s.model_dir, s.download_dir)
-        refiner_dir = storage.local_path(s.refiner_dir, s.download_dir) if s.refiner_dir else None
-        layout = discover(model_dir, refiner_dir, s.config_dir)
-        device = loading.resolve_device(s.device)
-        dtype = loading.resolve_dtype(s.dtype, device)
-        self.loaded = loading.load(layout, device, dtype, s.default_steps, s.load_options)
-        caps = self.loaded.capabilities
-        store = open_store(s.lora_dir or Path(model_dir) / "loras", s.download_dir)
-        self.adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(self.limits, caps),
-                                 fuse=s.fuse_lora)
-        self.adapters.load_all(self.loaded.base)
-        self.parser = RequestParser(self.limits, self.loaded.capabilities, self.adapters)
-        self.tokenizers = counting_tokenizers(self.loaded.base)
-        self.previewer, self.preview_error = model_previewer(self.loaded, s.preview_vae, s.download_dir)
-        opts = s.optimizations
-        done = optimize.apply(self.loaded.base, opts)
-        if self.loaded.refiner is not None:
-            optimize.apply(self.loaded.refiner, opts, include_vae=False)
-        if done:
-            log.info("optimisations: %s", ", ".join(done))
-        log.info(
-            "model %s loaded in %.1f s: %s%s on %s (%s)%s%s",
-            self.name,
-            time.perf_counter() - started,
-            self.loaded.capabilities.pipeline_class,
-            " + refiner" if self.loaded.refiner is not None else "",
-            device,
-            dtype,
-            f", LoRA adapters: {', '.join(self.adapters.names())}" if self.adapters.names() else "",
-            f", fused LoRA {self.adapters.fused.name} (scale {self.adapters.fused.scale:g})"
-            if self.adapters.fused else "",
-        )
-        return ModelBackend(self.loaded, self.adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all")
+        served = model_setup.prepare(self.name, self.settings, self.limits)
+        self.loaded, self.adapters, self.parser = served.loaded, served.adapters, served.parser
+        self.tokenizers, self.previewer, self.preview_error = served.tokenizers, served.previewer, served.preview_error
+        return served.backend
 
     def _warmup(self) -> list[tuple[str, list[GenerationRequest]]]:
-        """For each --warmup size, denoiser calls of every padded row count (1, 2, 4, ... up to
-        2 x --max_batch_images): compiled graphs are specialised to shapes, and none should compile
-        while serving. One row is an image without guidance; two rows, an image with it."""
-        most = self.engine_settings.max_batch_images
-        plan = []
-        for width, height in self.settings.optimizations.warmup:
-            for rows in buckets(2 * most):
-                values = {"prompt": "warm-up", "width": width, "height": height, "num_inference_steps": 2, "seed": 0,
-                          "guidance_scale": 1.0 if rows == 1 else 5.0}
-                images = max(1, rows // 2)
-                try:
-                    requests = [self.parser.parse({**values, "num_images": 1}) for _ in range(images)]
-                except InvalidInput as exc:
-                    raise ModelStoreError(f"--warmup: {exc.reason}") from None
-                plan.append((f"{width}x{height}, {rows} denoiser row(s)", requests))
-        return plan
+        return model_setup.warmup_plan(self.parser, self.settings.optimizations.warmup,
+                                       self.engine_settings.max_batch_images)
 
     # -- lifecycle and health ----------------------------------------------------------------
     def stop(self) -> None:

@@ -13,7 +13,7 @@ from ..generation import EngineSettings
 from ..models.loading import LoadOptions
 from ..models.optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
 from ..request.types import Limits
-from .predictor import ModelSettings
+from .model_setup import ModelSettings
 from .request_policy import Policy
 
 # Several 1024x1024 images (PNG ~1.5 MB, raw tensor 3 MB each) exceed gRPC's 8 MiB default.

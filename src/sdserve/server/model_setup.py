@@ -1,0 +1,113 @@
+"""What ``SDModel.load()`` builds on the engine's worker thread: the model from the store, its
+adapters, the request parser, the previewer and the optimisations; and the warm-up plan."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kserve.errors import InvalidInput
+
+from ..adapters import Adapters, open_store
+from ..generation import ModelBackend
+from ..generation.policy import buckets
+from ..generation.preview import Previewer
+from ..models import loading, optimize, storage
+from ..models.layout import ModelStoreError, discover
+from ..models.optimize import Optimizations
+from ..request import recipes
+from ..request.prompts import counting_tokenizers
+from ..request.types import GenerationRequest, Limits
+from ..request.validation import RequestParser
+from .preview_setup import model_previewer
+
+log = logging.getLogger("sdserve")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_dir: str
+    refiner_dir: str | None = None
+    config_dir: str | None = None  # diffusers configs for a single-file checkpoint
+    lora_dir: str | None = None  # default: <model_dir>/loras
+    preview_vae: str | None = None  # --preview_vae: AutoencoderTiny folder for partial images
+    device: str = "auto"
+    dtype: str = "auto"
+    default_steps: int | None = None
+    lora_relist_seconds: float = 10.0  # a request naming an unknown adapter lists the store at most this often
+    fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
+    download_dir: str | None = None  # where remote model locations are downloaded to
+    load_options: loading.LoadOptions = loading.LoadOptions()
+    optimizations: Optimizations = Optimizations()
+
+
+@dataclass
+class Served:
+    """A loaded model and what serves it."""
+
+    loaded: loading.LoadedModel
+    adapters: Adapters
+    parser: RequestParser
+    tokenizers: dict[str, Any]  # private copies, for counting prompt tokens on request threads
+    previewer: Previewer | None
+    preview_error: str | None  # why there are no previews (previewer None)
+    backend: ModelBackend
+
+
+def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
+    """Load the model and its adapters, optimise, and build what requests are checked against.
+    Raises ModelStoreError when the model or an adapter flag cannot be served."""
+    started = time.perf_counter()
+    model_dir = storage.local_path(s.model_dir, s.download_dir)
+    refiner_dir = storage.local_path(s.refiner_dir, s.download_dir) if s.refiner_dir else None
+    layout = discover(model_dir, refiner_dir, s.config_dir)
+    device = loading.resolve_device(s.device)
+    dtype = loading.resolve_dtype(s.dtype, device)
+    loaded = loading.load(layout, device, dtype, s.default_steps, s.load_options)
+    caps = loaded.capabilities
+    store = open_store(s.lora_dir or Path(model_dir) / "loras", s.download_dir)
+    adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(limits, caps), fuse=s.fuse_lora)
+    adapters.load_all(loaded.base)
+    parser = RequestParser(limits, caps, adapters)
+    previewer, preview_error = model_previewer(loaded, s.preview_vae, s.download_dir)
+    opts = s.optimizations
+    done = optimize.apply(loaded.base, opts)
+    if loaded.refiner is not None:
+        optimize.apply(loaded.refiner, opts, include_vae=False)
+    if done:
+        log.info("optimisations: %s", ", ".join(done))
+    log.info(
+        "model %s loaded in %.1f s: %s%s on %s (%s)%s%s",
+        name,
+        time.perf_counter() - started,
+        caps.pipeline_class,
+        " + refiner" if loaded.refiner is not None else "",
+        device,
+        dtype,
+        f", LoRA adapters: {', '.join(adapters.names())}" if adapters.names() else "",
+        f", fused LoRA {adapters.fused.name} (scale {adapters.fused.scale:g})" if adapters.fused else "",
+    )
+    backend = ModelBackend(loaded, adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all")
+    return Served(loaded, adapters, parser, counting_tokenizers(loaded.base), previewer, preview_error, backend)
+
+
+def warmup_plan(parser: RequestParser, sizes: tuple[tuple[int, int], ...],
+                max_batch_images: int) -> list[tuple[str, list[GenerationRequest]]]:
+    """For each --warmup size, denoiser calls of every padded row count (1, 2, 4, ... up to
+    2 x --max_batch_images): compiled graphs are specialised to shapes, and none should compile
+    while serving. One row is an image without guidance; two rows, an image with it."""
+    plan = []
+    for width, height in sizes:
+        for rows in buckets(2 * max_batch_images):
+            values = {"prompt": "warm-up", "width": width, "height": height, "num_inference_steps": 2, "seed": 0,
+                      "guidance_scale": 1.0 if rows == 1 else 5.0}
+            images = max(1, rows // 2)
+            try:
+                requests = [parser.parse({**values, "num_images": 1}) for _ in range(images)]
+            except InvalidInput as exc:
+                raise ModelStoreError(f"--warmup: {exc.reason}") from None
+            plan.append((f"{width}x{height}, {rows} denoiser row(s)", requests))
+    return plan
