@@ -36,8 +36,13 @@ def _tame(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(device: str = "cuda", dtype: torch.dtype = torch.float16, with_refiner: bool = True):
     """(base, refiner or None) pipelines with random weights, on ``device``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdserve.tiny import clip_tokenizer

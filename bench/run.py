@@ -24,12 +24,10 @@ a shared machine whose speed drifts over minutes weighs on both sides alike.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,188 +39,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import scheduling  # noqa: E402  (bench/ is on the path from here)
-from baseline import PROMPT, Baseline, sync  # noqa: E402
-from server import Server, throughput  # noqa: E402
+from measure import engine_run, server_run  # noqa: E402  (bench/ is on the path from here)
+from report import log, start_log, write_report  # noqa: E402
 
 GUIDED_STEP_TFLOP = 13.52  # SDXL base UNet, batch 2 (classifier-free guidance), 1024x1024
 PEAK_TFLOPS = {"cuda": 790.0}  # dense bf16, H100 SXM (the brief's figure)
-LOG: Path | None = None  # the run's raw log, beside its results
-
-
-def log(*parts) -> None:
-    print(*parts, flush=True)
-    if LOG is not None:
-        with LOG.open("a") as f:
-            print(*parts, file=f)
-
-
-def stats(samples: list[float]) -> dict:
-    return {"min": round(min(samples), 4), "median": round(statistics.median(samples), 4),
-            "max": round(max(samples), 4), "runs": [round(s, 4) for s in samples]}
-
-
-def peak_memory(device: torch.device) -> float | None:
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def time_calls(fn, warmup: int, runs: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - start)
-    return out
-
-
-# -- 2 and 4: the engine --------------------------------------------------------------------------
-def engine_run(model_dir: Path, args, device: torch.device) -> dict:
-    """The engine as the server runs it: one worker thread loads, optimises and runs the step loop."""
-    from sdserve.generation import Engine, EngineSettings, ModelBackend
-    from sdserve.models import loading, optimize
-    from sdserve.models.layout import discover
-    from sdserve.request.types import Limits
-    from sdserve.request.validation import RequestParser
-
-    dtype = loading.resolve_dtype(args.dtype, device)
-    call = dict(prompt=PROMPT, num_inference_steps=args.steps, width=args.size, height=args.size)
-    state: dict = {}
-
-    def prepare() -> ModelBackend:  # on the worker thread
-        loaded = loading.load(discover(model_dir), device, dtype)
-        opts = optimizations(args)
-        state["done"] = optimize.apply(loaded.base, opts)
-        state["parser"] = RequestParser(Limits(max_steps=100), loaded.capabilities)
-        return ModelBackend(loaded, pad_rows=opts.compile != "none")
-
-    engine = Engine(EngineSettings(max_batch_images=args.max_batch_images))
-    engine.start(prepare).result()
-    request = state["parser"].parse({**call, "refiner": "none", "seed": 1})
-    started = time.perf_counter()
-    asyncio.run(engine.generate([request], "bench"))  # warm-up (compiles, when compiling)
-    first_call_s = round(time.perf_counter() - started, 2)
-    stamps: list[float] = []
-
-    def on_step(progress) -> None:  # on the worker thread, after each step
-        sync(device)
-        stamps.append(time.perf_counter())
-
-    asyncio.run(engine.generate([request], "bench", on_progress=on_step))
-    reset_peak(device)
-    samples = time_calls(lambda: asyncio.run(engine.generate([request], "bench")), args.warmup, args.runs, device)
-    engine.stop(timeout=60)
-    return {
-        "latency_s": stats(samples),
-        "unet_it_per_s": round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 3),
-        "peak_gpu_gib": peak_memory(device),
-        "dtype": str(dtype),
-        "optimisations": state["done"],
-        "first_call_s": first_call_s,
-    }
-
-
-def optimizations(args):
-    from sdserve.models.optimize import Optimizations
-
-    return Optimizations(fuse_qkv=args.fuse_qkv, channels_last=args.channels_last, compile=args.compile,
-                         compile_mode=args.compile_mode)
-
-
-# -- 1, 3, 5, 6, 8, 9: the HTTP server, alternating with plain diffusers ------------------------------
-def settle(args) -> None:
-    """On a CPU, let the other process's OpenMP threads stop spinning before timing this one."""
-    if args.device == "cpu":
-        time.sleep(0.3)
-
-
-def against_diffusers(baseline: Baseline, server: Server, args) -> dict:
-    """1 and 3: plain diffusers and the server on the same request, one call each in turn."""
-    same = {"num_inference_steps": args.steps, "width": args.size, "height": args.size, "refiner": "none", "seed": 1}
-    plain, http, overhead, last = [], [], [], {}
-    for i in range(args.warmup + args.runs):
-        last = baseline.call(args.steps)
-        settle(args)
-        latency, timings = server.predict_timed(**same)
-        settle(args)
-        if i >= args.warmup:
-            plain.append(last["seconds"])
-            http.append(latency)
-            overhead.append(latency / (timings["queue_s"] + timings["generate_s"]))
-    return {"baseline": {"latency_s": stats(plain), "unet_it_per_s": round(last["unet_it_per_s"], 3),
-                         "peak_gpu_gib": last["peak_gpu_gib"], "dtype": baseline.info["dtype"]},
-            "latency_s": stats(http), "http_over_engine": round(statistics.median(overhead), 3),
-            "e2e_ratio_vs_diffusers": round(statistics.median(http) / statistics.median(plain), 3)}
-
-
-def batch_gains(baseline: Baseline, server: Server, args) -> dict:
-    """What a batch of 4 gains plain diffusers, and what the most concurrent clients gain the server
-    over one (MLPerf setting), measured in alternating rounds."""
-    mlperf = {"num_inference_steps": 20, "guidance_scale": 8.0, "width": args.size, "height": args.size,
-              "refiner": "none"}
-    one, four = [], []
-    served = {1: [0, 0.0], max(args.clients): [0, 0.0]}  # clients -> [images, seconds]
-    for _ in range(args.gain_rounds):
-        one.append(baseline.call(20, 8.0, 1)["seconds"])
-        four.append(baseline.call(20, 8.0, 4)["seconds"])
-        for clients, total in served.items():
-            settle(args)
-            run = throughput(server, clients, args.requests_per_client, mlperf)
-            total[0] += run["requests"]
-            total[1] += run["seconds"]
-        settle(args)
-    diffusers_gain = 4 * statistics.median(one) / statistics.median(four)
-    rate = {clients: images / seconds for clients, (images, seconds) in served.items()}
-    server_gain = rate[max(args.clients)] / rate[1]
-    return {"diffusers_batch4_gain": round(diffusers_gain, 3), "server_gain": round(server_gain, 3),
-            "clients": max(args.clients), "rounds": args.gain_rounds,
-            "batch_gain_kept": round(server_gain / diffusers_gain, 3)}
-
-
-def server_run(model_dir: Path, args, out_log: Path) -> dict:
-    cache = Path(tempfile.mkdtemp(prefix="sdserve-bench-cache-"))
-    baseline = Baseline(model_dir, args.device, args.size)
-    server = Server(model_dir, args, cache, out_log)
-    result = {"cold_start_s": round(server.wait_ready(), 2)}
-    try:
-        log("1/3. plain diffusers and the server, in turn ...")
-        result.update(against_diffusers(baseline, server, args))
-        log("5. throughput (MLPerf setting) ...")
-        result["batch_gains"] = batch_gains(baseline, server, args)
-        mlperf = {"num_inference_steps": 20, "guidance_scale": 8.0, "width": args.size, "height": args.size,
-                  "refiner": "none"}
-        result["mlperf"] = []
-        for clients in args.clients:
-            run = throughput(server, clients, args.requests_per_client, mlperf)
-            run["latency_s"] = stats(run.pop("latencies"))
-            result["mlperf"].append(run)
-        if (model_dir / "refiner").is_dir():
-            ensemble = {"num_inference_steps": args.steps, "width": args.size, "height": args.size, "seed": 1,
-                        "refiner": "ensemble", "high_noise_frac": 0.8}
-            result["ensemble_latency_s"] = stats([server.predict(**ensemble) for _ in range(1 + args.runs)][1:])
-        log("9. step-level scheduling ...")
-        result["head_of_line"] = scheduling.head_of_line(server, args.size, args.short_steps, args.long_steps, args.runs)
-        log(result["head_of_line"])
-        result["mixed_traffic"] = scheduling.mixed_traffic(server, args.size, args.mixed_clients,
-                                                           args.mixed_requests_per_client, args.mixed_steps,
-                                                           args.mixed_rounds)
-        log(result["mixed_traffic"])
-    finally:
-        server.stop()
-        baseline.stop()
-    if args.compile != "none":  # a restart that finds its compiled kernels in the cache
-        again = Server(model_dir, args, cache, out_log)
-        result["cold_start_warm_cache_s"] = round(again.wait_ready(), 2)
-        again.stop()
-    return result
 
 
 def run_phase(phase: str, args) -> dict:
@@ -233,41 +54,6 @@ def run_phase(phase: str, args) -> dict:
                "--phase_out", str(out)]
     subprocess.run(command, check=True)
     return json.loads(out.read_text())
-
-
-def write_report(report: dict, results_dir: Path, stem: str) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    server, baseline, engine = report["server"], report["server"]["baseline"], report["engine"]
-    gains, hol, mixed = server["batch_gains"], server["head_of_line"], server["mixed_traffic"]
-    rows = [
-        ("plain diffusers, median s", baseline["latency_s"]["median"]),
-        ("sdserve HTTP v1, median s (same request, in turn)", server["latency_s"]["median"]),
-        ("HTTP ÷ plain diffusers", report["e2e_ratio_vs_diffusers"]),
-        ("HTTP ÷ the engine time it wraps (server overhead)", report["http_over_engine"]),
-        ("sdserve engine alone, median s", engine["latency_s"]["median"]),
-        ("UNet it/s (plain → sdserve's loop)", f'{baseline["unet_it_per_s"]} → {report["unet_it_per_s"]}'),
-        ("MFU", report.get("mfu")),
-        ("throughput, images/s by clients", ", ".join(f'{m["clients"]}: {m["images_per_s"]}' for m in server["mlperf"])),
-        ("best images/s (MLPerf setting)", report["mlperf_images_per_s"]),
-        ("base + refiner ensemble, median s", server.get("ensemble_latency_s", {}).get("median")),
-        (f"gain: diffusers batch of 4 ÷ 1; server {gains['clients']} clients ÷ 1 (in turn)",
-         f'{gains["diffusers_batch4_gain"]}; {gains["server_gain"]}'),
-        ("share of diffusers' batch gain the server keeps", report["batch_gain_kept"]),
-        ("short request sent while a long one runs ÷ alone (head-of-line)",
-         f'{hol["ratio"]} ({hol["short_steps"]} vs {hol["long_steps"]} steps)'),
-        (f"mixed ÷ identical settings, steps/s ({mixed['mixed']['clients']} clients, in turn)",
-         f'{mixed["mixed_over_identical"]} ({mixed["mixed"]["steps_per_s"]} / {mixed["identical"]["steps_per_s"]})'),
-        ("mixed traffic latency p50 / p99 s, by steps", ", ".join(
-            f'{n}: {v["p50"]} / {v["p99"]}' for n, v in mixed["mixed"]["latency_by_steps"].items())),
-        ("peak GPU memory GiB (plain / sdserve)", f'{baseline["peak_gpu_gib"]} / {engine["peak_gpu_gib"]}'),
-        ("cold start s (cold / warm compile cache)", f'{server["cold_start_s"]} / {server.get("cold_start_warm_cache_s")}'),
-    ]
-    lines = [f"# sdserve benchmark: {report['device']} ({report['date']})", "",
-             f"torch {report['torch']}, diffusers {report['diffusers']}; {report['workload']}; "
-             f"flags: {' '.join(report['flags']) or 'none'}", "", "| measure | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
-    (results_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -316,9 +102,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     server_log = args.results / f"{stem}.server.log"
     server_log.unlink(missing_ok=True)
-    global LOG
-    LOG = args.results / f"{stem}.log"
-    LOG.unlink(missing_ok=True)
+    log_path = start_log(args.results / f"{stem}.log")
     log(f"sdserve bench {' '.join(sys.argv[1:])} on {platform.node() and 'this machine'}: {platform.platform()}")
 
     if args.model_dir is None:
@@ -361,7 +145,7 @@ def main() -> None:
                                           "mlperf_images_per_s", "batch_gain_kept",
                                           "head_of_line_ratio", "mixed_over_identical")}, indent=2))
     log(f"wrote {args.results / stem}.json, .md, .log and .server.log")
-    for raw in (LOG, server_log):  # results are committed: keep this machine's paths out of them
+    for raw in (log_path, server_log):  # results are committed: keep this machine's paths out of them
         raw.write_text(raw.read_text().replace(str(ROOT), ".").replace(str(args.model_dir), "<model_dir>"))
 
 

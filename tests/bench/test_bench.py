@@ -1,0 +1,54 @@
+"""The benchmark harness runs end to end (CPU, tiny models) and its full-size builder matches the
+SDXL architecture configs."""
+
+import json
+import subprocess
+import sys
+
+from helpers.paths import REPO
+
+BENCH = REPO / "bench"
+
+
+def test_full_size_model_has_sdxl_parameter_counts():
+    sys.path.insert(0, str(BENCH))
+    import full_size
+
+    base, refiner = full_size.build("meta")  # shapes only: no memory, no time
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert round(count(base.unet) / 1e6) == 2567 and round(count(refiner.unet) / 1e6) == 2260
+    assert round(count(base.text_encoder_2) / 1e6) == 695 and refiner.text_encoder_2 is base.text_encoder_2
+
+
+def test_harness_runs_on_cpu(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--device", "cpu", "--runs", "2", "--warmup", "1", "--steps", "4",
+         "--clients", "1", "4", "--requests_per_client", "1", "--results", str(tmp_path),
+         "--long_steps", "12", "--mixed_clients", "4", "--mixed_requests_per_client", "2", "--mixed_steps", "2,6",
+         "--gain_rounds", "1", "--mixed_rounds", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("cpu-*.json")
+    report = json.loads(result.read_text())
+    for key in ("device", "torch", "diffusers", "unet_it_per_s", "e2e_ratio_vs_diffusers", "mlperf_images_per_s",
+                "batch_gain_kept", "head_of_line_ratio", "mixed_over_identical"):
+        assert report[key], key
+    assert len(report["server"]["baseline"]["latency_s"]["runs"]) == 2 and report["server"]["cold_start_s"] > 0
+    assert [m["clients"] for m in report["server"]["mlperf"]] == [1, 4]
+    assert result.with_suffix(".md").read_text().startswith("# sdserve benchmark")
+    assert set(report["server"]["mixed_traffic"]["mixed"]["latency_by_steps"]) == {"2", "6"}
+    assert "9. step-level scheduling" in result.with_suffix(".log").read_text()
+
+
+def test_few_step_bench_runs_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "few_step.py"), "--device", "cpu", "--runs", "1", "--steps", "4",
+                          "--size", "128", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("few-step-cpu-*.json")
+    report = json.loads(result.read_text())
+    assert set(report["results"]) == {"guidance 1.0 ÷ guidance 7, same steps", "guidance 1.0 ÷ guidance 7, twice the steps",
+                                      "guidance 1.0 ÷ guidance 7, per denoising step",
+                                      "4-step LCM (guidance 1.0) ÷ 30-step default"}
+    assert all(r["ratio"] > 0 for name, r in report["results"].items() if "per denoising step" not in name)
+    assert result.with_suffix(".md").read_text().startswith("# sdserve few-step benchmark")
