@@ -42,3 +42,10 @@ LORA_LISTINGS = Counter("sdserve_lora_store_listings", "Listings of the LoRA ada
                         "naming an adapter not yet known, rate-limited by --lora_relist_seconds)", ["result"])  # ok | error
 LORA_DOWNLOADS = Counter("sdserve_lora_downloads", "LoRA adapters downloaded from a remote store on first use",
                          ["result"])  # ok | error
+LORA_LOADS = Counter("sdserve_lora_loads", "LoRA adapters loaded into the model (at start-up, or on first use after a "
+                     "listing or an eviction)", ["result"])  # ok | error
+LORA_EVICTIONS = Counter("sdserve_lora_evictions", "LoRA adapters unloaded to stay within --max_loaded_adapters "
+                         "(least recently used, never one an image in flight uses)")
+LORA_RESIDENT = Gauge("sdserve_lora_resident", "LoRA adapters loaded into the model now")
+ADAPTER_SETS_PER_CALL = Histogram("sdserve_adapter_sets_per_call", "Different LoRA adapter sets (none counts as one) "
+                                  "among the images of one denoiser call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))

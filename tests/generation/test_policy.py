@@ -12,10 +12,11 @@ BASE = SimpleNamespace(name="base", uses_adapters=True)
 REFINER = SimpleNamespace(name="refiner", uses_adapters=False)
 
 
-def image(order, steps=10, size=32, phase=BASE, loras=()):
+def image(order, steps=10, size=32, phase=BASE, loras=(), exclusive=False):
+    """``exclusive``: adapters only peft's own path serves (DoRA), as the backend marks them."""
     job = SimpleNamespace(request=SimpleNamespace(loras=loras))
     schedule = Schedule(phase, Rows({}), None, torch.zeros(steps), [0.0] * steps, {})
-    state = ImageState(job, 0, order, None, [schedule], steps, order)
+    state = ImageState(job, 0, order, None, [schedule], steps, order, own_calls=loras if exclusive else ())
     state.latents = torch.zeros(1, 4, size, size)
     return state
 
@@ -39,9 +40,11 @@ def test_compatible_images_share_a_call_whatever_their_progress():
 
 
 def test_groups_take_turns_step_by_step():
-    active = [image(0), image(1, size=48), image(2), image(3, phase=REFINER), image(4, loras=(("trex", 1.0),))]
+    active = [image(0), image(1, size=48), image(2, loras=(("trex", 1.0),)), image(3, phase=REFINER),
+              image(4, loras=(("dora", 1.0),), exclusive=True), image(5, loras=(("pixel", 0.5), ("trex", 1.0)))]
     choices = run(StepPolicy(8), active, 8)
-    assert choices[:4] == [[0, 2], [1], [3], [4]] and choices[4:] == choices[:4]
+    # different adapter sets share a call; only an exclusive set gets calls of its own
+    assert choices[:4] == [[0, 2, 5], [1], [3], [4]] and choices[4:] == choices[:4]
 
 
 def test_fewest_steps_left_go_first_when_a_call_is_full():

@@ -37,11 +37,28 @@ def assert_matches(ours: list[np.ndarray], reference: list[np.ndarray]) -> None:
         assert diff_p99(a, b) <= TOLERANCE, (diff_p99(a, b), max_diff(a, b))
 
 
-@torch.inference_mode()
+@torch.inference_mode()  # as the engine's worker loaded the adapters
 def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=None) -> list[np.ndarray]:
-    """``request``'s images from the pipelines' own __call__ (one call for all its images)."""
-    if adapters is not None:
-        adapters.activate(model.base, request.loras)
+    """``request``'s images from the pipelines' own __call__ (one call for all its images), with
+    its LoRA adapters set as diffusers users set them (``set_adapters`` with the same scales)."""
+    resident = adapters.resident if adapters is not None else None
+    if resident is None or not resident.loaded and not request.loras:
+        return _diffusers_images(model, request)
+    resident.ensure({name for name, _ in request.loras}, set())  # loaded (again, if the engine unloaded it)
+    base = model.base
+    if request.loras:
+        base.enable_lora()
+        base.set_adapters([name for name, _ in request.loras], adapter_weights=[s for _, s in request.loras])
+    else:
+        base.disable_lora()
+    try:
+        return _diffusers_images(model, request)
+    finally:
+        resident.batched.refresh()  # the engine's own state again: the denoiser's peft layers off
+
+
+@torch.inference_mode()
+def _diffusers_images(model: LoadedModel, request: GenerationRequest) -> list[np.ndarray]:
     seeds = request.seeds
     has_negative = request.negative_prompt is not None
     n = request.num_images

@@ -3,9 +3,9 @@ folder or a remote store (``locations.py``: ``s3://...`` and the other schemes t
 reads), each holding diffusers-format LoRA weights (``pytorch_lora_weights.safetensors``, as
 diffusers' DreamBooth LoRA training saves them).
 
-A local folder's adapters all load at start-up as named peft adapters on the base pipeline; a
-remote store's are listed at start-up and each is downloaded on first use, by the request thread
-(``fetch``), before its request queues. An adapter added later is found the first time a request
+A local folder's adapters load at start-up as named peft adapters on the base pipeline (up to
+``--max_loaded_adapters``, see ``resident.py``); a remote store's are listed at start-up and each is
+downloaded on first use, by the request thread (``fetch``), before its request queues. An adapter added later is found the first time a request
 names it: the store is listed again, at most once every ``rescan_seconds`` (``--lora_relist_seconds``),
 so every replica serves a new upload without a restart. The worker loads it when that request is
 admitted; the base weights stay as they are. Request names are only ever compared with the names
@@ -29,6 +29,7 @@ from .. import metrics
 from ..models.layout import ModelStoreError
 from ..request.fields import LORA_SCALE
 from ..request.recipes import RECIPE_FILE, Check, Fused, Recipe, RecipeError, read_recipe
+from .resident import ResidentAdapters
 from .store import NAME, AdapterFetchError, Listed, LocalStore
 
 log = logging.getLogger("sdserve")
@@ -58,15 +59,16 @@ def parse_fuse_lora(spec: str | None) -> tuple[str, float | None] | None:
 
 
 class Adapters:
-    """The adapters in the store (shared by request threads) and those loaded into the pipeline
-    (the worker thread's business)."""
+    """The adapters in the store and their recipes (shared by request threads); once
+    :meth:`load_all` ran, ``resident`` holds those loaded into the pipeline (the worker thread's)."""
 
     def __init__(self, store, rescan_seconds: float = 5.0, check: Check | None = None,
-                 fuse: tuple[str, float | None] | None = None):
+                 fuse: tuple[str, float | None] | None = None, max_loaded: int | None = None):
         """``store`` is a store of ``locations.py``, or a local folder (None: no adapters);
         ``check`` validates a recipe's generation fields against the loaded model (without it,
         only the recipe's form and keys are checked); ``fuse`` is ``--fuse_lora``, done by
-        :meth:`load_all`. Listing the store fails here (ModelStoreError) when it cannot be read."""
+        :meth:`load_all`; ``max_loaded`` bounds the adapters loaded at once (None: no bound).
+        Listing the store fails here (ModelStoreError) when it cannot be read."""
         self.store = store if hasattr(store, "list") else LocalStore(Path(store) if store is not None else None)
         self.rescan_seconds = rescan_seconds
         self.check = check
@@ -83,8 +85,10 @@ class Adapters:
         self._scan_lock = threading.Lock()  # one listing at a time; the others wait for its answer
         self._fetch_locks: dict[str, threading.Lock] = {}
         self._failed: set[str] = set()  # adapters whose last fetch failed
-        self._loaded: set[str] = set()
-        self._active: tuple[tuple[str, float], ...] | None = None  # what the pipeline has on now
+        if max_loaded is not None and max_loaded < 1:
+            raise ValueError(f"max_loaded_adapters must be at least 1, got {max_loaded}")
+        self.max_loaded = max_loaded
+        self.resident: ResidentAdapters | None = None
         self.scan()
 
     @property
@@ -193,72 +197,26 @@ class Adapters:
             metrics.LORA_DOWNLOADS.labels(result="ok").inc()
         return path
 
-    # -- the worker thread -----------------------------------------------------------------
-    def load(self, pipeline, name: str) -> None:
+    def local_weights(self, name: str) -> Path:
+        """The adapter's weights on local disk (fetched now if a request did not fetch them)."""
         if name not in self._local:
-            self.fetch([name])  # start-up, or a request that skipped fetch(): download here
-        path = self._local[name]
-        started = time.perf_counter()
-        try:
-            pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise ModelStoreError(f"LoRA adapter {name} ({path}) does not fit this model: {exc}") from exc
-        self._loaded.add(name)
-        self._active = None  # loading may change which adapters are on
-        log.info("loaded LoRA adapter %s in %.2f s", name, time.perf_counter() - started)
+            self.fetch([name])
+        return self._local[name]
 
-    def load_all(self, pipeline) -> None:
-        if self.fuse is not None and self.fused is None:
-            self._fuse_into(pipeline, *self.fuse)
-        if self.store.preload:  # a remote store's adapters download on first use instead
-            for name in self.names():
-                self.load(pipeline, name)
-        if self._loaded:
-            pipeline.disable_lora()
-        self._active = ()
+    def offered(self, name: str) -> Listed | None:
+        return self._found.get(name)
 
-    def _fuse_into(self, pipeline, name: str, scale: float | None) -> None:
-        """Fuse adapter ``name`` into the base weights, before any other adapter is loaded (the
-        unload that follows removes every peft layer)."""
-        if name not in self._found:
-            if name in self.refused:
-                raise ModelStoreError(f"--fuse_lora {name}: its {RECIPE_FILE} is refused: {self.refused[name]}")
-            available = ", ".join(self.names()) or "none"
-            raise ModelStoreError(f"--fuse_lora {name}: no adapter named {name!r} in {self.location}; "
-                                  f"available: {available}")
-        recipe = self._recipes.get(name)
-        if scale is None:
-            scale = recipe.scale if recipe is not None and recipe.scale is not None else 1.0
-        try:
-            self.load(pipeline, name)
-        except AdapterFetchError as exc:
-            raise ModelStoreError(f"--fuse_lora {name}: {exc}") from None
-        started = time.perf_counter()
-        try:
-            pipeline.fuse_lora(adapter_names=[name], lora_scale=scale)
-            pipeline.unload_lora_weights()
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise ModelStoreError(f"--fuse_lora {name}: cannot fuse it into this model: {exc}") from exc
-        self._loaded.discard(name)
-        self._active = None
+    def mark_fused(self, fused: Fused) -> None:
+        """The adapter is in the base weights now: no request may name it, its recipe is the default."""
         with self._lock:
-            self.fused = Fused(name, scale, recipe)
-            self._found = {n: p for n, p in self._found.items() if n != name}
-            self._recipes = {n: r for n, r in self._recipes.items() if n != name}
-        log.info("fused LoRA adapter %s (scale %g) into the base weights in %.2f s%s", name, scale,
-                 time.perf_counter() - started, f"; its recipe is the default: {recipe.describe()}" if recipe else "")
+            self.fused = fused
+            self._found = {n: p for n, p in self._found.items() if n != fused.name}
+            self._recipes = {n: r for n, r in self._recipes.items() if n != fused.name}
 
-    def activate(self, pipeline, loras: tuple[tuple[str, float], ...]) -> None:
-        """Make exactly ``loras`` active (none: the base model, bit for bit). The step loop calls
-        this before every call of a group, so switching is skipped when nothing changes."""
-        for name, _ in loras:
-            if name not in self._loaded:
-                self.load(pipeline, name)
-        if not self._loaded or loras == self._active:
-            return
-        if loras:
-            pipeline.enable_lora()
-            pipeline.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
-        else:
-            pipeline.disable_lora()
-        self._active = loras
+    # -- the worker thread -----------------------------------------------------------------
+    def load_all(self, pipeline) -> ResidentAdapters:
+        """Fuse ``--fuse_lora`` into the base weights, then load the local store's adapters (up to
+        the bound); a remote store's load on first use. Returns what is loaded, also ``resident``."""
+        self.resident = ResidentAdapters(self, pipeline, self.max_loaded)
+        self.resident.start(self.fuse, self.names() if self.store.preload else [])
+        return self.resident

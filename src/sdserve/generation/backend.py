@@ -1,8 +1,10 @@
-"""The loaded model as the step loop drives it: its phases, its LoRA adapters, and the admission of
-new images (prompt encoding in batches, a scheduler and starting latents per image)."""
+"""The loaded model as the step loop drives it: its phases, how its LoRA adapters apply to a
+call, and the admission of new images (adapters loaded, prompt encoding in batches, a scheduler
+and starting latents per image)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import defaultdict
 
@@ -25,6 +27,7 @@ class ModelBackend:
                  pad_rows: bool = False, pad_decode: bool = False):
         self.model = model
         self.adapters = adapters
+        self.resident = adapters.resident if adapters is not None else None  # loaded by Adapters.load_all
         self.faults = faults or Faults.from_env()
         # Compiled models are specialised to shapes: calls are padded to a few batch sizes.
         self.pad_rows = pad_rows  # the denoiser is compiled
@@ -42,21 +45,29 @@ class ModelBackend:
             return [self.base]
         return [self.base, self.refiner]
 
-    def use_adapters(self, loras: tuple[tuple[str, float], ...]) -> None:
-        if self.adapters is not None:
-            self.adapters.activate(self.model.base, loras)
+    def adapter_scope(self, phase: Phase, row_images: list[ImageState]) -> contextlib.AbstractContextManager:
+        """What applies the LoRA adapters of each row's image during one call of ``phase``."""
+        if self.resident is None or not phase.uses_adapters:
+            return contextlib.nullcontext()
+        return self.resident.for_call([im.job.request.loras for im in row_images], phase.device)
 
-    def admit(self, jobs: list[Job]) -> list[ImageState]:
-        """Image states for ``jobs``: prompts encoded once per request and phase, batched across
-        requests that agree on adapters, guidance and whether a negative prompt was given."""
+    def admit(self, jobs: list[Job], in_use: frozenset[str] = frozenset()) -> list[ImageState]:
+        """Image states for ``jobs``: their adapters loaded (none that ``in_use``, the adapters of
+        images in flight, holds is unloaded to make room), prompts encoded once per request and
+        phase, batched across requests that agree on guidance, whether a negative prompt was given
+        and the adapters that change the text encoders."""
+        if self.resident is not None:
+            self.resident.ensure({name for job in jobs for name, _ in job.request.loras}, in_use)
         batches: dict[tuple, list[Job]] = defaultdict(list)
         for job in jobs:
             r = job.request
-            for phase in self.phases(r):
-                batches[(phase, r.loras, phase.guided(r), r.negative_prompt is None)].append(job)
+            text_loras = self.resident.text_encoder_adapters(r.loras) if self.resident is not None else ()
+            for phase in self.phases(r):  # (a refiner shares the base's second text encoder)
+                batches[(phase, text_loras, phase.guided(r), r.negative_prompt is None)].append(job)
         rows: dict[tuple[int, str], Rows] = {}
-        for (phase, loras, guided, _), members in batches.items():
-            self.use_adapters(loras)  # a LoRA may touch the text encoders too
+        for (phase, text_loras, guided, _), members in batches.items():
+            if self.resident is not None:
+                self.resident.for_text_encoders(text_loras)
             for job, job_rows in zip(members, phase.encode([j.request for j in members], guided)):
                 rows[id(job), phase.name] = job_rows
         images = []
@@ -65,12 +76,14 @@ class ModelBackend:
             job.images = [None] * request.num_images
             dtype = rows[id(job), self.base.name].cond["encoder_hidden_states"].dtype
             start = encode_start(self.base, request, dtype) if request.image is not None else None
+            # adapters the batched path cannot serve: calls of their own (the policy's group key)
+            own_calls = request.loras if self.resident is not None and self.resident.exclusive(request.loras) else ()
             for index, seed in enumerate(request.seeds):
                 # A CPU generator: the same seed gives the same noise on any device.
                 generator = torch.Generator("cpu").manual_seed(seed)
                 schedules = [p.plan(request, seed, generator, rows[id(job), p.name]) for p in phases]
                 image = ImageState(job, index, seed, generator, schedules, sum(len(s.times) for s in schedules),
-                                   next(self._order))
+                                   next(self._order), own_calls=own_calls)
                 if start is None:
                     image.latents = self.base.begin(image, None)
                 else:

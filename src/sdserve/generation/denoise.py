@@ -4,20 +4,27 @@ schedules at once."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 
 from .image_start import denoiser_input, keep_unmasked
 from .policy import padded
-from .state import ImageState
+from .state import ImageState, Phase
+
+# (phase, the image of each row) -> what applies the rows' LoRA adapters during the call
+AdapterScope = Callable[[Phase, list[ImageState]], contextlib.AbstractContextManager]
 
 
 class Denoise:
     """Runs steps for the loop. Keeps the concatenated conditioning of the last selection per
     group: it changes only when images join or leave, not every step."""
 
-    def __init__(self, max_rows: int, pad_rows: bool = False):
+    def __init__(self, max_rows: int, pad_rows: bool = False, adapter_scope: AdapterScope | None = None):
         self.max_rows = max_rows
         self.pad_rows = pad_rows
+        self.adapter_scope = adapter_scope or (lambda phase, row_images: contextlib.nullcontext())
         self._conditioning: dict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     def forget(self, live_groups: set[tuple]) -> None:
@@ -27,19 +34,22 @@ class Denoise:
         """Advance every image by one step. A failure of the shared call raises (nothing has
         changed then); a failure in one image's own step is returned with that image."""
         phase = images[0].schedule.phase
-        inputs, times = [], []
+        inputs, times, row_images = [], [], []
         for image in images:
             s = image.schedule
             x = denoiser_input(image, phase.scale(s, image.latents, s.timesteps[image.step]))
             inputs += [x] * image.rows
             times += [s.times[image.step]] * image.rows
+            row_images += [image] * image.rows
         rows = len(inputs)
         size = padded(rows, self.max_rows) if self.pad_rows else rows
         inputs += [inputs[-1]] * (size - rows)
         times += [times[-1]] * (size - rows)
+        row_images += [row_images[-1]] * (size - rows)
         latents = torch.cat(inputs) if size > 1 else inputs[0]
         t = torch.tensor(times, dtype=torch.float32, device=latents.device)
-        output = phase.call(latents, t, self._cond(images, size))
+        with self.adapter_scope(phase, row_images):  # each row's LoRA adapters
+            output = phase.call(latents, t, self._cond(images, size))
 
         failures = []
         row = 0

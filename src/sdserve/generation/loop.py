@@ -58,7 +58,8 @@ class StepLoop:
         self.backend = backend
         self.max_images = max_batch_images
         self.policy = StepPolicy(max_batch_images)
-        self.denoise = Denoise(max_rows=2 * max_batch_images, pad_rows=backend.pad_rows)
+        self.denoise = Denoise(max_rows=2 * max_batch_images, pad_rows=backend.pad_rows,
+                               adapter_scope=backend.adapter_scope)
         self.active: list[ImageState] = []
 
     # -- admission -------------------------------------------------------------------------
@@ -71,7 +72,8 @@ class StepLoop:
 
     @torch.inference_mode()
     def _admit(self, jobs: list[Job]) -> None:
-        images = self.backend.admit(jobs)
+        in_use = frozenset(name for im in self.active for name, _ in im.job.request.loras)
+        images = self.backend.admit(jobs, in_use)
         self.active += images
         metrics.ACTIVE_IMAGES.set(len(self.active))
         self._advance([im for im in images if im.phase_done])  # a phase may have no step at all
@@ -87,8 +89,6 @@ class StepLoop:
         firsts = [im.job.request.prompt for im in images if im.steps_done == 0]
         if firsts:
             self.backend.faults.on_first_step(firsts)
-        if images[0].schedule.phase.uses_adapters:
-            self.backend.use_adapters(images[0].job.request.loras)
         self._denoise(images)
         self._advance([im for im in images if not im.job.future.done()], stepped=len(images))
         return True
@@ -114,6 +114,8 @@ class StepLoop:
         metrics.DENOISER_CALLS.labels(phase=phase).inc()
         metrics.BATCH_IMAGES.observe(len(images))
         metrics.ROWS_PER_CALL.observe(sum(im.rows for im in images))
+        if images[0].schedule.phase.uses_adapters:
+            metrics.ADAPTER_SETS_PER_CALL.observe(len({im.job.request.loras for im in images}))
 
     def _advance(self, images: list[ImageState], stepped: int = 0) -> None:
         """After a step: report progress, start the next phase, decode the finished."""

@@ -72,6 +72,7 @@ class ImageState:
     steps_done: int = 0  # denoiser calls done in all phases
     waited: int = 0  # calls of its group that left it out since it last stepped
     inpaint: Inpaint | None = None
+    own_calls: tuple = ()  # LoRA adapters only peft's own path serves: calls with just this set
 
     @property
     def schedule(self) -> Schedule:
@@ -95,7 +96,6 @@ class ImageState:
         return 2 if self.guided else 1
 
     def group_key(self) -> tuple:
-        """Images with equal keys can share a denoiser call: same denoiser, latent size and
-        adapters (steps, guidance, sampler and prompts may all differ)."""
+        """Images with equal keys can share a denoiser call (see policy.py)."""
         phase = self.schedule.phase
-        return phase.name, tuple(self.latents.shape[1:]), self.job.request.loras if phase.uses_adapters else ()
+        return phase.name, tuple(self.latents.shape[1:]), self.own_calls if phase.uses_adapters else ()

@@ -39,6 +39,7 @@ class ModelSettings:
     default_steps: int | None = None
     lora_relist_seconds: float = 10.0  # a request naming an unknown adapter lists the store at most this often
     fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
+    max_loaded_adapters: int | None = 16  # LoRA adapters loaded at once (least recently used out); None: all
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: loading.LoadOptions = loading.LoadOptions()
     optimizations: Optimizations = Optimizations()
@@ -69,7 +70,8 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
     loaded = loading.load(layout, device, dtype, s.default_steps, s.load_options)
     caps = loaded.capabilities
     store = open_store(s.lora_dir or Path(model_dir) / "loras", s.download_dir)
-    adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(limits, caps), fuse=s.fuse_lora)
+    adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(limits, caps), fuse=s.fuse_lora,
+                        max_loaded=s.max_loaded_adapters)
     adapters.load_all(loaded.base)
     parser = RequestParser(limits, caps, adapters)
     previewer, preview_error = model_previewer(loaded, s.preview_vae, s.download_dir)

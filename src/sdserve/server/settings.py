@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora_relist_seconds", type=float, default=10.0, metavar="S",
                        help="a request naming an adapter not yet listed lists the store again, at most once every "
                        "S seconds (new adapters are served without a restart)")
+    model.add_argument("--max_loaded_adapters", type=int, default=16, metavar="N",
+                       help="most LoRA adapters loaded into the model at once; loading another unloads the least "
+                       "recently used one that no image in flight uses (a local folder's first N load at start-up)")
     model.add_argument("--fuse_lora", default=None, metavar="NAME[:SCALE]",
                        help="fuse this LoRA adapter into the base weights at start-up (SCALE default: its "
                        "recipe's scale, else 1): no per-step LoRA cost, requests cannot name it, and its "
@@ -154,6 +157,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: one process owns the GPU; scale with replicas instead")
+    if args.max_loaded_adapters < 1:
+        parser.error(f"--max_loaded_adapters must be at least 1, got {args.max_loaded_adapters}")
     if not 0 <= args.lora_relist_seconds <= 86400:
         parser.error("--lora_relist_seconds must be from 0 to 86400")
     for flag in ("request_timeout", "grace_period", "stuck_after", "max_body_bytes"):

@@ -22,7 +22,7 @@ from .original_layout import write_single_file
 from .tokenizers import clip_tokenizer, save_pipeline, t5_tokenizer, write_clip_tokenizer_files
 
 __all__ = ["KINDS", "build_sd", "build_sd3", "build_sdxl", "clip_tokenizer", "save_pipeline", "write_clip_tokenizer_files",
-           "write_lora", "write_single_file", "write_tiny_model"]
+           "write_lora", "write_single_file", "write_tiny_model", "ATTENTION"]
 
 KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd-single-file", "sd-inpaint", "sdxl-inpaint", "refiner-only")
 
@@ -199,23 +199,36 @@ def build_sd3(scratch: Path, seed: int = 0):
     )
 
 
-def write_lora(pipeline, dest: Path, seed: int) -> Path:
-    """A small random LoRA on the denoiser's attention projections, made with peft and saved in
-    the diffusers LoRA format (``pytorch_lora_weights.safetensors``), as diffusers' DreamBooth
-    LoRA training scripts save it."""
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # what diffusers' DreamBooth LoRA scripts target
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def write_lora(pipeline, dest: Path, seed: int, targets: tuple[str, ...] = ATTENTION, rank: int = 4,
+               dora: bool = False, text_encoders: bool = False) -> Path:
+    """A small random LoRA, made with peft and saved in the diffusers LoRA format
+    (``pytorch_lora_weights.safetensors``), as diffusers' DreamBooth LoRA training scripts save it:
+    on the denoiser's ``targets`` (attention projections; convolutions such as ``conv1`` make a
+    LoCon), optionally DoRA, and optionally on the text encoders' attention too."""
+    from copy import deepcopy
+
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
     denoiser_name = "transformer" if hasattr(pipeline, "transformer") else "unet"
-    denoiser = getattr(pipeline, denoiser_name)
-    # init_lora_weights=False: random, non-zero LoRA so that it visibly changes images
-    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="tiny")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, adapter_name="tiny"))
-    denoiser.delete_adapters("tiny")
-    type(pipeline).save_lora_weights(dest, safe_serialization=True, **{f"{denoiser_name}_lora_layers": layers})
+    parts = [(denoiser_name, getattr(pipeline, denoiser_name), targets)]
+    if text_encoders:
+        parts += [(name, getattr(pipeline, name), TEXT_ATTENTION) for name in ("text_encoder", "text_encoder_2")
+                  if getattr(pipeline, name, None) is not None]
+    layers = {}
+    for name, model, modules in parts:
+        # init_lora_weights=False: random, non-zero LoRA so that it visibly changes images. Added to a
+        # copy, so the pipeline keeps no trace of it.
+        config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, use_dora=dora, target_modules=list(modules))
+        copy = inject_adapter_in_model(config, deepcopy(model), adapter_name="tiny")
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(copy, adapter_name="tiny"))
+    type(pipeline).save_lora_weights(dest, safe_serialization=True, **layers)
     return dest
 
 
