@@ -1,4 +1,5 @@
-# sdserve: `make demo` serves a tiny model on :8080, `make test` runs the test suite.
+# sdserve: `make demo` serves a tiny model on :8080, `make test` runs the fast tests (minutes),
+# `make test-all` everything CI runs (every end-to-end check, the browser and the container).
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch is what tests and the demo need; install it before anything pulls torch
@@ -10,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test container-test clean
+.PHONY: install demo test test-all container-test clean
 
 install: $(STAMP)
 
@@ -27,13 +28,20 @@ $(DEMO_MODEL)/base/model_index.json: | $(STAMP)
 demo: $(STAMP) $(DEMO_MODEL)/base/model_index.json
 	$(BIN)/sdserve --model_dir $(DEMO_MODEL) --model_name sdxl --http_port 8080 --grpc_port 8081
 
+# The fast set: everything but the checks marked slow (start-up failures, compile, benches, Ray,
+# long load tests) and the container.
 test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Every test, then the container: what CI runs.
+test-all: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) container-test
 
 # Builds the Containerfile with podman (CPU torch, local Debian base image) and checks that the
 # image serves a tiny model as an arbitrary UID with /mnt/models read-only. Needs root.
 container-test: $(STAMP)
-	scripts/container-smoke-test.sh
+	$(BIN)/python -m pytest --container tests/container $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -11,6 +11,21 @@ from helpers.servers import Server
 from sdserve.tiny import write_tiny_model
 
 
+def pytest_addoption(parser):
+    parser.addoption("--container", action="store_true",
+                     help="run the container tests (tests/container: root and podman; make container-test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The container tests run only when asked for (they build images: minutes, and root)."""
+    if config.getoption("--container"):
+        return
+    kept = [item for item in items if "container" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "container" in item.keywords])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny models of each kind, saved and loaded through the real code."""
