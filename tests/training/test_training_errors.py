@@ -84,7 +84,7 @@ def test_the_cli_refuses_bad_input_with_exit_status_2(tiny, tmp_path):
 def test_without_the_training_extra_the_cli_says_how_to_install_it(monkeypatch, capsys):
     import importlib.util
 
-    import sdserve.cli.main as cli
+    import sdserve.cli.commands as cli
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))

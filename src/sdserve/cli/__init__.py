@@ -1,6 +1,6 @@
 """The command line: ``sdserve`` / ``python -m sdserve`` runs the server or a helper command.
 
-    main.py             the entry point: picks the command (server, generate, tiny-model, train)
+    commands.py         the entry point: picks the command (server, generate, tiny-model, train)
     generate.py         ``sdserve generate``: images from a terminal, via a server or locally
     generate_options.py its flags
     local_model.py      ``--model_dir``: the server's model and engine in this process
@@ -10,6 +10,6 @@
 May import every other part of sdserve (it is the top layer); nothing imports it.
 """
 
-from .main import main
+from .commands import main
 
 __all__ = ["main"]
