@@ -234,6 +234,7 @@ def test_the_fused_adapter_cannot_be_named(fused):
     ("trex:5", "--fuse_lora: scale must be a number from -2.0 to 2.0, got '5'"),
     ("trex:x", "--fuse_lora: scale must be a number"),
 ])
+@pytest.mark.slow
 def test_a_bad_fuse_lora_stops_the_start(model_dir, start_server, flag, error):
     server = start_server("--model_dir", str(model_dir), "--fuse_lora", flag, wait=False)
     assert server.proc.wait(120) == 2

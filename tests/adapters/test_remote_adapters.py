@@ -112,6 +112,7 @@ def listings() -> float:
     return metrics.LORA_LISTINGS.labels(result="ok")._value.get()
 
 
+@pytest.mark.slow
 def test_relisting_is_rate_limited(s3, models, tmp_path, monkeypatch):
     endpoint, client = s3
     for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers.paths import REPO
+
+pytestmark = pytest.mark.slow  # the benchmarks end to end: minutes
 
 BENCH = REPO / "bench"
 
@@ -52,3 +56,18 @@ def test_few_step_bench_runs_on_cpu(tmp_path):
                                       "4-step LCM (guidance 1.0) ÷ 30-step default"}
     assert all(r["ratio"] > 0 for name, r in report["results"].items() if "per denoising step" not in name)
     assert result.with_suffix(".md").read_text().startswith("# sdserve few-step benchmark")
+
+
+def test_mixed_adapters_bench_runs_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "mixed_adapters.py"), "--device", "cpu", "--runs", "1",
+                          "--calls", "1", "--steps", "3", "--size", "64", "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("mixed-adapters-cpu-*.json")
+    report = json.loads(result.read_text())
+    shares = report["concurrent_requests"]
+    assert set(shares) == {"8 adapters, one call", "1 adapter shared", "8 adapters, a call per adapter (before)"}
+    # one call for 8 adapters beats a call per adapter by far, even on one noisy round
+    assert shares["8 adapters, one call"]["steps_per_s"] > 2 * shares["8 adapters, a call per adapter (before)"]["steps_per_s"]
+    assert set(report["denoiser_call_by_rows"]) == {"1", "2", "4", "8", "16"}
+    assert result.with_suffix(".md").read_text().startswith("# sdserve mixed adapters")

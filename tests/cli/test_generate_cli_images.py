@@ -63,6 +63,7 @@ def test_inpaint_and_img2img_against_a_server(sd_server, inputs, tmp_path):
     assert picture(openai).size == (128, 128) and read_metadata(openai.read_bytes())["strength"] == 0.5
 
 
+@pytest.mark.slow
 def test_inpaint_locally_matches_the_server(models, sd_server, inputs, tmp_path):
     local, remote = tmp_path / "local.png", tmp_path / "remote.png"
     same = ["--image", str(inputs / "in.png"), "--mask", str(inputs / "m.png"), "--strength", "0.6", "--steps", "4",
@@ -79,6 +80,7 @@ def test_inpaint_locally_matches_the_server(models, sd_server, inputs, tmp_path)
     assert np.abs(a - b).max() <= 2  # the same request through the same parser and engine
 
 
+@pytest.mark.slow
 def test_clear_errors(models, sd_server, inputs, tmp_path):
     run = generate("--url", sd_server.url, "--mask", str(inputs / "m.png"))
     assert run.returncode == 1 and "--mask needs --image" in run.stderr
@@ -128,6 +130,7 @@ def test_show_parameters_prints_the_servers_schema(models, start_server):
     assert run.returncode == 2 and "required: prompt" in run.stderr  # a prompt is needed to generate
 
 
+@pytest.mark.slow
 def test_show_parameters_locally_matches_the_server(models, sd_server):
     remote = generate("--url", sd_server.url, "--model_name", "sd", "--show_parameters")
     local = generate("--model_dir", str(models["sd"]), "--show_parameters")  # the same limits: the defaults

@@ -65,6 +65,7 @@ def run_clients(engine, plan, clients=16, requests_per_client=2) -> tuple[int, f
     return steps, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_mixed_settings_share_the_gpu_as_well_as_identical_ones(engine):
     """256²: at smaller sizes the samplers' own per-image arithmetic, not the denoiser, sets the pace."""
     size = {"width": 256, "height": 256}

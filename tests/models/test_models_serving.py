@@ -66,6 +66,7 @@ def test_a_new_adapter_needs_no_restart(models, lora_server):
         shutil.rmtree(folder)
 
 
+@pytest.mark.slow
 def test_sd3_without_t5(models, start_server):
     server = start_server("--model_dir", str(models["sd3"]), "--drop_t5", model_name="sd3")
     r = server.predict({"instances": [{"prompt": "a hill", "num_inference_steps": 3, "scheduler": "heun"}]})
@@ -78,6 +79,7 @@ def test_sd3_without_t5(models, start_server):
     assert info["pipeline"] == "StableDiffusion3Pipeline"
 
 
+@pytest.mark.slow
 def test_single_file_checkpoint_serves(models, start_server):
     server = start_server("--model_dir", str(models["sd-single-file"]), model_name="single")
     r = server.predict({"instances": [{"prompt": "a hill", "num_inference_steps": 3, "seed": 1}]})
@@ -99,6 +101,7 @@ def test_dreambooth_output_folder_serves_like_a_base_model(models, tmp_path):
     assert loaded.capabilities.pipeline_class == "StableDiffusionXLPipeline"
 
 
+@pytest.mark.slow
 def test_cli_generates_with_a_lora_locally(models, tmp_path):
     import subprocess
     import sys

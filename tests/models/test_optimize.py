@@ -33,12 +33,14 @@ def plain(models):
     Optimizations(channels_last=True),
     Optimizations(fuse_qkv=True, channels_last=True, compile="all"),
 ], ids=["fuse_qkv", "channels_last", "fuse+channels_last+compile"])
+@pytest.mark.slow
 def test_optimised_images_stay_within_tolerance(models, plain, opts):
     optimised = images(models, opts)
     diffs = [int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(plain, optimised)]
     assert max(diffs) <= TOLERANCE, diffs
 
 
+@pytest.mark.slow
 def test_sd3_transformer_fuses_and_compiles(models):
     plain = images(models, None, "sd3")
     optimised = images(models, Optimizations(fuse_qkv=True, compile="denoiser"), "sd3")
@@ -53,6 +55,7 @@ def test_settings_are_checked():
         Optimizations(compile="everything")
 
 
+@pytest.mark.slow
 def test_server_warms_up_before_it_is_ready(models, start_server):
     server = start_server("--model_dir", str(models["sdxl"]), "--fuse_qkv", "--channels_last", "--warmup", "128x128,64x96",
                           model_name="fast")
@@ -65,6 +68,7 @@ def test_server_warms_up_before_it_is_ready(models, start_server):
     assert r.status_code == 200
 
 
+@pytest.mark.slow
 def test_bad_warmup_size_fails_start_up(models, start_server):
     server = start_server("--model_dir", str(models["sdxl"]), "--warmup", "100x100", wait=False)
     assert server.proc.wait(120) == 2

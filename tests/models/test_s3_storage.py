@@ -45,6 +45,7 @@ def test_storage_initializer_download_then_serve_read_only(s3_endpoint, tmp_path
     assert r.json()["predictions"][0]["parameters"]["refiner"] == "ensemble"
 
 
+@pytest.mark.slow
 def test_model_dir_can_be_an_s3_uri_with_data_connection_variables(s3_endpoint, tmp_path, start_server):
     """--model_dir s3://... downloads at start-up; OpenShift AI data connections name the endpoint
     AWS_S3_ENDPOINT."""

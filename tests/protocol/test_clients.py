@@ -169,6 +169,7 @@ def test_cli_generate_against_a_server(sdxl_server, tmp_path, api):
     assert "wrote" in run.stdout and read_metadata(files[1].read_bytes())["seed"] == 41
 
 
+@pytest.mark.slow
 def test_cli_generate_locally_with_a_progress_bar(models, tmp_path):
     out = tmp_path / "local.png"
     run = subprocess.run(

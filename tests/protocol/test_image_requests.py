@@ -101,6 +101,7 @@ def test_bad_image_input_is_a_400_naming_the_field(sdxl_server, values, message)
     assert sdxl_server.predict({"instances": ["still serving"], "parameters": FAST}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_refiner_alone_serves_image_to_image(models, start_server):
     server = start_server("--model_dir", str(models["refiner-only"]), model_name="refiner")
     model = httpx.get(f"{server.url}/v1/models/refiner").json()

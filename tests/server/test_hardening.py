@@ -119,6 +119,7 @@ def test_body_size_limit(guarded):
     assert r.status_code == 413 and "over the limit of 4096 bytes" in r.json()["error"]
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_retried_in_halves_then_507(models, start_server):
     # any denoiser call of more than two 128x128 images "runs out of memory"
     server = start_server("--model_dir", str(models["sdxl"]), "--max_batch_images", "4", model_name="oom",
@@ -136,6 +137,7 @@ def test_out_of_memory_is_retried_in_halves_then_507(models, start_server):
     assert small.status_code == 200
 
 
+@pytest.mark.slow
 def test_a_stuck_worker_turns_readiness_and_liveness_false(models, start_server):
     server = start_server("--model_dir", str(models["sdxl"]), "--stuck_after", "2", "--grace_period", "1",
                           model_name="stuck", env={"SDSERVE_FAULT_HANG_PROMPT": "hang", "SDSERVE_FAULT_HANG_SECONDS": "15"})
@@ -152,6 +154,7 @@ def test_a_stuck_worker_turns_readiness_and_liveness_false(models, start_server)
         server.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits(models, start_server):
     server = start_server("--model_dir", str(models["sdxl"]), "--grace_period", "120", model_name="drain")
     slow = {"instances": [{"prompt": "in flight", "width": 1024, "height": 1024, "num_inference_steps": 60}]}

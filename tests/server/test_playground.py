@@ -245,6 +245,7 @@ def test_controls_follow_the_server_schema(page, limited_server, tmp_path):
     assert "4 steps" in page.locator("#status").inner_text()
 
 
+@pytest.mark.slow
 def test_choices_are_the_loaded_models(page, models, start_server):
     server = start_server("--model_dir", str(models["sd3"]), model_name="sd3")
     fields = open_page(page, server)["properties"]

@@ -12,6 +12,7 @@ import pytest
 SLOW = {"width": 1024, "height": 1024, "num_inference_steps": 100}
 
 
+@pytest.mark.slow
 def test_health_answers_quickly_while_an_image_is_generated(sdxl_server):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(sdxl_server.predict, {"instances": [{"prompt": "a slow one", **SLOW}]})
@@ -28,6 +29,7 @@ def test_health_answers_quickly_while_an_image_is_generated(sdxl_server):
     assert len(latencies) >= 5 and max(latencies) < 1.0, latencies
 
 
+@pytest.mark.slow
 def test_full_queue_answers_503_with_retry_after_and_recovers(models, start_server):
     server = start_server("--model_dir", str(models["sdxl"]), "--max_queue", "1", "--max_batch_images", "1", "--max_active_images", "1",
                           "--retry_after", "3", model_name="busy")
@@ -52,12 +54,14 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(models, start_serv
     ],
     ids=["missing", "empty"],
 )
+@pytest.mark.slow
 def test_start_up_fails_clearly_without_a_model(start_server, tmp_path, setup, message):
     server = start_server("--model_dir", str(setup(tmp_path)), wait=False)
     assert server.proc.wait(120) == 2
     assert message in server.log() and "cannot start" in server.log()
 
 
+@pytest.mark.slow
 def test_bad_flags_are_usage_errors():
     run = subprocess.run([sys.executable, "-m", "sdserve", "--max_steps", "0"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "max_steps must be at least 1" in run.stderr
@@ -97,6 +101,7 @@ def test_sd_folder_at_the_root_serves_with_its_own_defaults(models, start_server
     assert r.status_code == 400 and "prompt_2: only SDXL and SD3 models accept this field" in r.json()["error"]
 
 
+@pytest.mark.slow
 def test_tiny_model_command_writes_a_servable_folder(tmp_path):
     run = subprocess.run([sys.executable, "-m", "sdserve", "tiny-model", str(tmp_path / "m"), "--kind", "sdxl"],
                          capture_output=True, text=True, timeout=120)

@@ -57,6 +57,7 @@ def test_preview_vae_makes_the_partial_images(preview_server):
     (lambda tmp: tmp / "missing", "no such directory"),
     (lambda tmp: tiny_vae(tmp / "sd3", latent_channels=16), "16 latent channels, the model 4"),
 ])
+@pytest.mark.slow
 def test_a_bad_preview_vae_stops_start_up(models, tmp_path, make, reason):
     server = Server("--model_dir", str(models["sdxl"]), "--preview_vae", str(make(tmp_path)), log_dir=tmp_path)
     try:

@@ -122,6 +122,7 @@ def test_a_running_server_serves_the_adapters_and_lists_their_recipes(trained, t
     assert answer.json()["predictions"][0]["parameters"]["width"] == 64
 
 
+@pytest.mark.slow
 def test_two_ray_train_workers_write_the_same_format(trained, tiny, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is part of the train extra")
     ray.init(num_cpus=2, include_dashboard=False)  # a worker per CPU
