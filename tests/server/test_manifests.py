@@ -20,7 +20,9 @@ from sdserve.server.settings import load_config
 MIN_TIMEOUT_S = 300  # an SDXL 1024x1024 request with the refiner, queued behind a few others
 
 
+# From S3 through a data connection; inferenceservice-oci.yaml serves a model image instead.
 INFERENCE_SERVICES = ["inferenceservice-raw.yaml", "inferenceservice-serverless.yaml", "inferenceservice-keda.yaml"]
+EVERY_INFERENCE_SERVICE = [*INFERENCE_SERVICES, "inferenceservice-oci.yaml"]
 KSERVE_OBJECTS = [(where, obj) for where, obj in objects() if obj.get("kind") in ("InferenceService", "ServingRuntime")]
 
 
@@ -54,7 +56,7 @@ def test_every_manifest_parses_and_the_expected_objects_are_there():
     # A kind this file has no checks for needs some first.
     assert set(kinds) <= {"ServingRuntime", "Template", "InferenceService", "Secret", "Kustomization",
                           "PodMonitor"}, kinds
-    assert kinds >= Counter({"ServingRuntime": 2, "InferenceService": 3, "Template": 1, "Secret": 1}), kinds
+    assert kinds >= Counter({"ServingRuntime": 2, "InferenceService": 4, "Template": 1, "Secret": 1}), kinds
 
 
 @pytest.mark.parametrize("where, obj", KSERVE_OBJECTS, ids=[where for where, _ in KSERVE_OBJECTS])
@@ -187,7 +189,7 @@ def test_inferenceservice_uses_the_runtime_and_the_data_connection(file):
     assert isvc["metadata"]["name"] == MODEL_NAME  # the README's URLs
 
 
-@pytest.mark.parametrize("file", INFERENCE_SERVICES)
+@pytest.mark.parametrize("file", EVERY_INFERENCE_SERVICE)
 def test_inferenceservice_timeouts_fit_sdxl(file):
     isvc = the("InferenceService", file)
     predictor_timeout = isvc["spec"]["predictor"]["timeout"]
@@ -196,7 +198,7 @@ def test_inferenceservice_timeouts_fit_sdxl(file):
     assert route_timeout >= predictor_timeout, "the route would cut requests Knative still allows"
 
 
-@pytest.mark.parametrize("file", INFERENCE_SERVICES)
+@pytest.mark.parametrize("file", EVERY_INFERENCE_SERVICE)
 def test_inferenceservice_is_authenticated_and_gets_a_gpu(file):
     isvc = the("InferenceService", file)
     assert isvc["metadata"]["annotations"]["security.opendatahub.io/enable-auth"] == "true"

@@ -139,7 +139,7 @@ def test_keda_scales_down_slowly_and_replicas_drain_before_they_are_killed():
     assert predictor["autoScaling"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
 
 
-@pytest.mark.parametrize("file", ["inferenceservice-raw.yaml", KEDA_FILE])
+@pytest.mark.parametrize("file", ["inferenceservice-raw.yaml", KEDA_FILE, "inferenceservice-oci.yaml"])
 def test_termination_grace_period_exceeds_sdserves_drain(file):
     predictor = the("InferenceService", file)["spec"]["predictor"]
     drain = runtime_config(runtime()).args.grace_period  # --grace_period: SIGTERM to exit
