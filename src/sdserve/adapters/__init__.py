@@ -4,7 +4,9 @@
     s3.py         ``--lora_dir s3://...``: listed with one ListObjectsV2, downloaded on first use
     snapshot.py   other remote locations: downloaded whole at each listing
     locations.py  which store serves ``--lora_dir``
-    library.py    Adapters: the listing, recipes, fetching, loading and switching
+    library.py    Adapters: the listing, recipes and fetching (request threads)
+    resident.py   those loaded into the pipeline: on first use, within --max_loaded_adapters (worker)
+    batched.py    each row's adapters in one denoiser call (per-row low-rank deltas)
 
 May import ``errors``, ``metrics``, ``models`` and ``request`` (recipes are validated like
 requests); never the engine, the protocols or the server.

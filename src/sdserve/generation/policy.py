@@ -1,8 +1,15 @@
 """The step policy: which active images share the next denoiser call. The whole policy is here.
 
-* Images share a call when their group keys are equal: same denoiser (base or refiner), latent
-  size and LoRA adapter set. Steps, guidance, sampler, prompts and how far along they are may all
-  differ.
+* Images share a call when their group keys are equal (``ImageState.group_key``). What still
+  splits a group, and why:
+  - the denoiser (base or refiner): different weights, a different call;
+  - the latent size: rows of one call are one tensor;
+  - a LoRA adapter set only peft's own path serves (DoRA and other peft variants, a bias on
+    ``lora_B``): those adapters change the layer itself, not just add a low-rank term, so their
+    images run in calls of their own set (``adapters/batched.py``).
+  Everything else may differ within a call: steps, guidance, sampler, prompts, how far along the
+  image is, and its LoRA adapters (any set, several, none, each with its scales: every row gets
+  its own adapters' deltas).
 * Groups take turns, one call each, in round-robin order: no group waits for another to finish.
 * Within a group at most ``max_images`` images go into one call (the memory bound; lowered for a
   group after it ran out of memory). When more are waiting, those with the fewest denoiser calls
