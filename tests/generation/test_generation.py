@@ -195,16 +195,17 @@ def test_out_of_memory_retries_in_halves_then_names_the_size(models):
 
 def test_counting_tokens_on_another_thread_does_not_disturb_generation(engines):
     """Fast tokenizers keep truncation/padding state per object: counting must use copies."""
-    from sdserve.request.prompts import counting_tokenizers, prompt_warnings
+    from sdserve.request.prompts import counting_tokenizers, prompt_report
 
     engine = engines["sdxl-refiner"]
-    tokenizers = counting_tokenizers(engine.model.base)
+    base = engine.model.base
+    tokenizers = counting_tokenizers({"tokenizer": base.tokenizer, "tokenizer_2": base.tokenizer_2})
     long_request = engine.parse({"prompt": "word " * 200})
     stop = threading.Event()
 
     def count_forever():
         while not stop.is_set():
-            assert prompt_warnings(tokenizers, long_request)
+            assert prompt_report(tokenizers, tokenizers, long_request, 300).warnings
 
     counter = threading.Thread(target=count_forever)
     counter.start()

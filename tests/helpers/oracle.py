@@ -170,17 +170,19 @@ class LocalEngine:
     loads (and optimises) it as the server's does."""
 
     def __init__(self, path, max_batch_images: int = 8, adapters=None, faults=None, load_options=None,
-                 optimizations=None, **settings):
+                 optimizations=None, embeddings_dir=None, **settings):
         from sdserve.generation import Engine, EngineSettings
 
         self.adapters = adapters
         self.engine = Engine(EngineSettings(max_batch_images=max_batch_images, **settings))
-        self.engine.start(lambda: self._prepare(path, faults, load_options, optimizations)).result()
+        self.engine.start(lambda: self._prepare(path, faults, load_options, optimizations, embeddings_dir)).result()
 
-    def _prepare(self, path, faults, load_options, optimizations):
+    def _prepare(self, path, faults, load_options, optimizations, embeddings_dir):
         from sdserve.generation import ModelBackend
         from sdserve.models import loading, optimize
+        from sdserve.models.embeddings import load_embeddings
         from sdserve.models.layout import discover
+        from sdserve.request.prompt_syntax import PromptSettings
         from sdserve.request.types import Limits
         from sdserve.request.validation import RequestParser
 
@@ -192,9 +194,12 @@ class LocalEngine:
             optimize.apply(self.model.base, optimizations)
             if self.model.refiner is not None:
                 optimize.apply(self.model.refiner, optimizations, include_vae=False)
-        self.parser = RequestParser(Limits(), self.model.capabilities, self.adapters)
+        self.vocabulary = load_embeddings(self.model.base, embeddings_dir)
+        self.parser = RequestParser(Limits(), self.model.capabilities, self.adapters,
+                                    PromptSettings(embeddings=self.vocabulary.names))
         compiled = "none" if optimizations is None else optimizations.compile
-        return ModelBackend(self.model, self.adapters, faults, pad_rows=compiled != "none", pad_decode=compiled == "all")
+        return ModelBackend(self.model, self.adapters, faults, pad_rows=compiled != "none", pad_decode=compiled == "all",
+                            vocabulary=self.vocabulary)
 
     def parse(self, values: dict) -> GenerationRequest:
         return self.parser.parse(values)

@@ -23,6 +23,7 @@ FLAGS = {
     "eta": ("--eta", float),
     "timestep_spacing": ("--timestep_spacing", str),
     "timesteps": ("--timesteps", str),  # JSON text, e.g. "[999, 749, 499, 249]"
+    "prompt_syntax": ("--prompt_syntax", str),
 }
 EXTENSIONS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 

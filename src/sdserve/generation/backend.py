@@ -11,6 +11,7 @@ from collections import defaultdict
 import torch
 
 from ..adapters.library import Adapters
+from ..models.embeddings import PromptVocabulary
 from ..models.loading import LoadedModel
 from ..request.types import GenerationRequest, RefinerMode
 from .admission import Job
@@ -24,7 +25,7 @@ class ModelBackend:
     """Owned by the worker thread, like the pipelines it wraps."""
 
     def __init__(self, model: LoadedModel, adapters: Adapters | None = None, faults: Faults | None = None,
-                 pad_rows: bool = False, pad_decode: bool = False):
+                 pad_rows: bool = False, pad_decode: bool = False, vocabulary: PromptVocabulary | None = None):
         self.model = model
         self.adapters = adapters
         self.resident = adapters.resident if adapters is not None else None  # loaded by Adapters.load_all
@@ -38,6 +39,13 @@ class ModelBackend:
         self.base: Phase = base_phase(model.base, model.scheduler_config, caps.scheduler_family)
         self.refiner = (SDXLRefinerPhase(model.refiner, model.refiner_scheduler_config)
                         if model.refiner is not None else None)
+        # Weighted prompts read with the private tokenizers (embeddings' tokens); the refiner's second
+        # encoder is the base's, and so is its tokenizer's vocabulary.
+        if vocabulary is not None:
+            self.base.vocabulary = vocabulary
+            if self.refiner is not None:
+                self.refiner.vocabulary = PromptVocabulary(
+                    {k: v for k, v in vocabulary.tokenizers.items() if k == "tokenizer_2"}, vocabulary.names)
         self._order = itertools.count()
 
     def phases(self, request: GenerationRequest) -> list[Phase]:

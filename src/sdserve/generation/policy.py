@@ -4,6 +4,9 @@
   splits a group, and why:
   - the denoiser (base or refiner): different weights, a different call;
   - the latent size: rows of one call are one tensor;
+  - the prompt's length in tokens (77, or a multiple of 77 for a long or BREAK prompt in a
+    weighted syntax): the text rows of one call are one tensor too, and padding a shorter prompt to
+    a longer one would change its image; weighted prompts of 77 tokens share calls with plain ones;
   - a LoRA adapter set only peft's own path serves (DoRA and other peft variants, a bias on
     ``lora_B``): those adapters change the layer itself, not just add a low-rank term, so their
     images run in calls of their own set (``adapters/batched.py``).

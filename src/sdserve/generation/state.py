@@ -98,4 +98,6 @@ class ImageState:
     def group_key(self) -> tuple:
         """Images with equal keys can share a denoiser call (see policy.py)."""
         phase = self.schedule.phase
-        return phase.name, tuple(self.latents.shape[1:]), self.own_calls if phase.uses_adapters else ()
+        text = self.schedule.rows.cond.get("encoder_hidden_states")
+        return (phase.name, tuple(self.latents.shape[1:]), self.own_calls if phase.uses_adapters else (),
+                text.shape[1] if text is not None else 0)

@@ -240,7 +240,8 @@ def encode_final(request: GenerationRequest, image, seed: int, model_name: str) 
 
 
 def encode_openai(
-    request: GenerationRequest, result: GenerationResult, model_name: str, warnings: list[str] | None = None
+    request: GenerationRequest, result: GenerationResult, model_name: str, warnings: list[str] | None = None,
+    prompt_tokens: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The ImagesResponse body (runs image encoding: call it off the event loop)."""
     data = [
@@ -253,6 +254,8 @@ def encode_openai(
         "output_format": request.image_format,
         "size": f"{request.width}x{request.height}",
     }
+    if prompt_tokens:  # sdserve's: text encoder -> tokens of the prompt it read
+        body["prompt_tokens"] = prompt_tokens
     if warnings:
         body["warnings"] = warnings
     return body

@@ -63,7 +63,8 @@ def _instance_values(instance: Any, index: int) -> dict[str, Any]:
 
 
 def encode_prediction(
-    request: GenerationRequest, result: GenerationResult, warnings: list[str], model_name: str
+    request: GenerationRequest, result: GenerationResult, warnings: list[str], model_name: str,
+    prompt_tokens: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """A v1 prediction for one instance (runs image encoding: call it off the event loop)."""
     fmt = request.image_format
@@ -87,6 +88,8 @@ def encode_prediction(
             "batch_images": result.batch_images,
         },
     }
+    if prompt_tokens:  # text encoder -> tokens of the prompt it read (markers included)
+        prediction["prompt_tokens"] = prompt_tokens
     if warnings:
         prediction["warnings"] = warnings
     return prediction

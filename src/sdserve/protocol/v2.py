@@ -13,6 +13,7 @@ tensor [N, H, W, 3].
 
 from __future__ import annotations
 
+import json
 import struct
 import uuid
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
 
 
 def encode_response(
-    call: V2Call, results: list[GenerationResult], model_name: str, warnings: list[str] | None = None
+    call: V2Call, results: list[GenerationResult], model_name: str, warnings: list[str] | None = None,
+    prompt_tokens: list[dict[str, int]] | None = None,
 ) -> InferResponse:
     """Build the v2 response (runs image encoding: call it off the event loop)."""
     images = [(img, r, seed) for r, res in zip(call.requests, results) for img, seed in zip(res.images, res.seeds)]
@@ -170,5 +172,16 @@ def encode_response(
         infer_outputs=outputs,
         use_binary_outputs=call.raw_outputs,
         requested_outputs=call.requested,
-        parameters={"warnings": "; ".join(warnings)} if warnings else None,
+        parameters=_parameters(warnings, prompt_tokens),
     )
+
+
+def _parameters(warnings: list[str] | None, prompt_tokens: list[dict[str, int]] | None) -> dict[str, str] | None:
+    """Response parameters (scalars): the warnings, and per prompt the tokens each text encoder
+    read, as JSON text (one object per prompt of the request)."""
+    out = {}
+    if warnings:
+        out["warnings"] = "; ".join(warnings)
+    if prompt_tokens and any(prompt_tokens):
+        out["prompt_tokens"] = json.dumps(prompt_tokens)
+    return out or None

@@ -17,6 +17,9 @@ FIELDS: dict[str, str] = {
     "negative_prompt_2": "SDXL/SD3: negative prompt for the second text encoder",
     "prompt_3": "SD3: prompt for the T5 encoder (default: prompt)",
     "negative_prompt_3": "SD3: negative prompt for the T5 encoder",
+    "prompt_syntax": "how prompts are read: plain (as diffusers reads them, 77 tokens), compel (weights like "
+                     "(red hat)1.3, long prompts) or a1111 (AUTOMATIC1111's: (red hat:1.3), [blurry], BREAK); "
+                     "absent: the server's --prompt_syntax",
     "width": "image width in pixels (default: the start image's, else the model's)",
     "height": "image height in pixels (default: the start image's, else the model's)",
     "num_inference_steps": "denoising steps",
@@ -57,6 +60,27 @@ ALIASES: dict[str, str] = {
     "sampler_name": "scheduler",
 }
 MAX_LORAS = 8
+# Fields only some model families read; the others would silently ignore them, so they are refused.
+FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt_2": ("sdxl", "sd3"),
+    "negative_prompt_2": ("sdxl", "sd3"),
+    "prompt_3": ("sd3",),
+    "negative_prompt_3": ("sd3",),
+    "original_size": ("sdxl",),
+    "crops_coords_top_left": ("sdxl",),
+    "target_size": ("sdxl",),
+    # the SD and SDXL pipelines' eta and timesteps arguments; SD3's flow samplers have no spacing
+    "eta": ("sd", "sdxl"),
+    "timestep_spacing": ("sd", "sdxl"),
+    "timesteps": ("sd", "sdxl"),
+    # CLIP-only families: SD3 reads its T5 prompt up to 256 tokens, without weights
+    "prompt_syntax": ("sd", "sdxl"),
+}
+# Why a family refuses a field, where it helps to know.
+FAMILY_NOTES = {
+    "prompt_syntax": " (SD3 reads long prompts through its T5 encoder: up to 256 tokens of prompt_3, or of "
+                     "prompt when prompt_3 is absent; its CLIP encoders read 77; weights are for SD 1.x/2.x and SDXL)",
+}
 LORA_SCALE = 2.0  # scales from -2 to 2
 
 

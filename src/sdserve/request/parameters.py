@@ -38,6 +38,7 @@ from .field_types import (
     timestep_list,
 )
 from .fields import ALIASES, FIELDS
+from .prompt_syntax import SYNTAXES
 from .types import IMAGE_FORMATS, MAX_SEED, Limits
 
 
@@ -106,6 +107,7 @@ def parameters_model(limits: Limits, model: ModelCapabilities) -> type[BaseModel
         "negative_prompt_2": (text | None, None),
         "prompt_3": (text | None, None),
         "negative_prompt_3": (text | None, None),
+        "prompt_syntax": (choice({s: s for s in SYNTAXES}) | None, None),
         "width": (side, width),
         "height": (side, height),
         "num_inference_steps": (integer(1, limits.max_steps), min(model.default_steps, limits.max_steps)),

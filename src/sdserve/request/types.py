@@ -26,12 +26,14 @@ class Limits:
     max_steps: int = 100
     max_images: int = 8
     max_prompt_length: int = 2000
+    max_prompt_tokens: int = 300  # weighted syntaxes read every token (in 75-token chunks): at most this many
     min_side: int = 64
     max_guidance_scale: float = 30.0
     max_input_pixels: int = 4 * 2048 * 2048  # an input image's size, read from its header
 
     def __post_init__(self) -> None:
-        for name in ("max_side", "max_pixels", "max_steps", "max_images", "max_prompt_length", "max_input_pixels"):
+        for name in ("max_side", "max_pixels", "max_steps", "max_images", "max_prompt_length", "max_input_pixels",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_side < self.min_side:
@@ -53,6 +55,7 @@ class GenerationRequest:
     negative_prompt_2: str | None = None
     prompt_3: str | None = None
     negative_prompt_3: str | None = None
+    prompt_syntax: str = "plain"  # plain | compel | a1111 (prompt_syntax.py)
     num_images: int = 1
     scheduler: str | None = None  # canonical name from schedulers.SCHEDULERS; None: the model's own
     # Sampler settings; None: the model's own (eta: the pipelines' 0.0, where the sampler takes it).

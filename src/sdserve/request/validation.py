@@ -24,26 +24,13 @@ from ..models.schedulers import (
     samplers_taking,
 )
 from . import image_input
-from .fields import AdapterCatalog, field_keys
+from .fields import FAMILY_FIELDS, FAMILY_NOTES, AdapterCatalog, field_keys
 from .parameter_errors import validate
 from .parameters import default_size, inline_definitions, parameters_model
+from .prompt_syntax import CLIP_PROMPTS, PromptSettings, check_prompts
 from .recipe_defaults import apply_recipes
 from .types import GenerationRequest, Limits, RefinerMode
 
-# Fields only some model families read; the others would silently ignore them, so they are refused.
-FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt_2": ("sdxl", "sd3"),
-    "negative_prompt_2": ("sdxl", "sd3"),
-    "prompt_3": ("sd3",),
-    "negative_prompt_3": ("sd3",),
-    "original_size": ("sdxl",),
-    "crops_coords_top_left": ("sdxl",),
-    "target_size": ("sdxl",),
-    # the SD and SDXL pipelines' eta and timesteps arguments; SD3's flow samplers have no spacing
-    "eta": ("sd", "sdxl"),
-    "timestep_spacing": ("sd", "sdxl"),
-    "timesteps": ("sd", "sdxl"),
-}
 # Request fields that only some samplers read (schedulers.sampler_fields).
 SAMPLER_FIELDS = ("eta", "timestep_spacing", "timesteps")
 
@@ -76,10 +63,12 @@ class RequestParser:
     """Turns a mapping of parameters into a :class:`GenerationRequest`, or raises InvalidInput.
     Each field's own rules are the :func:`parameters_model`'s; the rules between fields are here."""
 
-    def __init__(self, limits: Limits, model: ModelCapabilities, adapters: AdapterCatalog | None = None):
+    def __init__(self, limits: Limits, model: ModelCapabilities, adapters: AdapterCatalog | None = None,
+                 prompts: PromptSettings = PromptSettings()):
         self.limits = limits
         self.model = model
         self.adapters = adapters or NoAdapters()
+        self.prompts = prompts
         self.parameters = parameters_model(limits, model)
 
     def schema(self) -> dict[str, Any]:
@@ -112,7 +101,7 @@ class RequestParser:
                 names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
                 raise InvalidInput(
                     f"{v.label(name)}: only {' and '.join(names[f] for f in families)} models accept this "
-                    f"field; the loaded model is a {model.pipeline_class}"
+                    f"field; the loaded model is a {model.pipeline_class}{FAMILY_NOTES.get(name, '')}"
                 )
         if model.family == "sd3" and not model.has_t5:
             for name in ("prompt_3", "negative_prompt_3"):
@@ -120,6 +109,10 @@ class RequestParser:
                     raise InvalidInput(
                         f"{v.label(name)}: the T5 encoder is not loaded (--drop_t5), so it would have no effect"
                     )
+        syntax = v.prompt_syntax or (self.prompts.default_syntax if model.family in FAMILY_FIELDS["prompt_syntax"]
+                                     else "plain")
+        if syntax != "plain":
+            check_prompts({v.label(n): getattr(v, n) for n in CLIP_PROMPTS}, syntax, self.prompts.embeddings)
         scheduler = v.scheduler
         takes = sampler_fields(scheduler, model.scheduler_class, model.scheduler_family)
         for name in SAMPLER_FIELDS:
@@ -186,6 +179,7 @@ class RequestParser:
             negative_prompt=negative_prompt,
             negative_prompt_2=v.negative_prompt_2,
             negative_prompt_3=v.negative_prompt_3,
+            prompt_syntax=syntax,
             width=width,
             height=height,
             num_inference_steps=steps,

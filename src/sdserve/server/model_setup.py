@@ -16,9 +16,12 @@ from ..generation import ModelBackend
 from ..generation.policy import buckets
 from ..generation.preview import Previewer
 from ..models import loading, optimize, storage
+from ..models.embeddings import PromptVocabulary, load_embeddings
 from ..models.layout import ModelStoreError, discover
 from ..models.optimize import Optimizations
 from ..request import recipes
+from ..request.fields import FAMILY_FIELDS
+from ..request.prompt_syntax import PromptSettings
 from ..request.prompts import counting_tokenizers
 from ..request.types import GenerationRequest, Limits
 from ..request.validation import RequestParser
@@ -40,6 +43,8 @@ class ModelSettings:
     lora_relist_seconds: float = 10.0  # a request naming an unknown adapter lists the store at most this often
     fuse_lora: tuple[str, float | None] | None = None  # --fuse_lora NAME[:SCALE]; scale None: the recipe's, else 1
     max_loaded_adapters: int | None = 16  # LoRA adapters loaded at once (least recently used out); None: all
+    embeddings_dir: str | None = None  # textual-inversion embeddings; default: <model_dir>/embeddings
+    prompt_syntax: str = "plain"  # how a request that does not say reads its prompts
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: loading.LoadOptions = loading.LoadOptions()
     optimizations: Optimizations = Optimizations()
@@ -53,6 +58,7 @@ class Served:
     adapters: Adapters
     parser: RequestParser
     tokenizers: dict[str, Any]  # private copies, for counting prompt tokens on request threads
+    weighted_tokenizers: dict[str, Any]  # the same for weighted prompts (they know the embeddings' tokens)
     previewer: Previewer | None
     preview_error: str | None  # why there are no previews (previewer None)
     backend: ModelBackend
@@ -73,7 +79,8 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
     adapters = Adapters(store, s.lora_relist_seconds, check=recipes.checker(limits, caps), fuse=s.fuse_lora,
                         max_loaded=s.max_loaded_adapters)
     adapters.load_all(loaded.base)
-    parser = RequestParser(limits, caps, adapters)
+    vocabulary, prompts = _prompt_vocabulary(s, caps.family, loaded, Path(model_dir))
+    parser = RequestParser(limits, caps, adapters, prompts)
     previewer, preview_error = model_previewer(loaded, s.preview_vae, s.download_dir)
     opts = s.optimizations
     done = optimize.apply(loaded.base, opts)
@@ -92,8 +99,30 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
         f", LoRA adapters: {', '.join(adapters.names())}" if adapters.names() else "",
         f", fused LoRA {adapters.fused.name} (scale {adapters.fused.scale:g})" if adapters.fused else "",
     )
-    backend = ModelBackend(loaded, adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all")
-    return Served(loaded, adapters, parser, counting_tokenizers(loaded.base), previewer, preview_error, backend)
+    backend = ModelBackend(loaded, adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all",
+                           vocabulary=vocabulary)
+    own = {name: getattr(loaded.base, name, None) for name in ("tokenizer", "tokenizer_2")}
+    return Served(loaded, adapters, parser, counting_tokenizers(own), counting_tokenizers(vocabulary.tokenizers),
+                  previewer, preview_error, backend)
+
+
+def _prompt_vocabulary(s: ModelSettings, family: str, loaded: loading.LoadedModel,
+                       model_dir: Path) -> tuple[PromptVocabulary, PromptSettings]:
+    """Weighted prompts' tokenizers with the textual-inversion embeddings (SD 1.x/2.x and SDXL:
+    the CLIP-only families), and what the request parser checks prompts against."""
+    if family not in FAMILY_FIELDS["prompt_syntax"]:
+        if s.prompt_syntax != "plain":
+            log.warning("--prompt_syntax %s: a %s model reads plain prompts only; requests default to plain",
+                        s.prompt_syntax, loaded.capabilities.pipeline_class)
+        if s.embeddings_dir:
+            raise ModelStoreError(f"--embeddings_dir: textual-inversion embeddings are for SD 1.x/2.x and SDXL models, "
+                                  f"not a {loaded.capabilities.pipeline_class}")
+        return PromptVocabulary(), PromptSettings()
+    folder = Path(storage.local_path(s.embeddings_dir, s.download_dir)) if s.embeddings_dir else model_dir / "embeddings"
+    if s.embeddings_dir and not folder.is_dir():
+        raise ModelStoreError(f"--embeddings_dir {s.embeddings_dir}: no such folder")
+    vocabulary = load_embeddings(loaded.base, folder)
+    return vocabulary, PromptSettings(s.prompt_syntax, vocabulary.names)
 
 
 def warmup_plan(parser: RequestParser, sizes: tuple[tuple[int, int], ...],

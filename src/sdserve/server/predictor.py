@@ -33,7 +33,7 @@ from ..generation.preview import Previewer
 from ..models import loading
 from ..protocol import openai_images, v1, v2
 from ..protocol.openai_stream import ImageStream
-from ..request.prompts import prompt_warnings
+from ..request.prompts import PromptReport, prompt_report
 from ..request.types import GenerationRequest, Limits
 from ..request.validation import RequestParser
 from . import model_setup
@@ -62,6 +62,7 @@ class SDModel(kserve.Model):
         self.loaded: loading.LoadedModel | None = None
         self.parser: RequestParser | None = None
         self.tokenizers: dict = {}
+        self.weighted_tokenizers: dict = {}
         self.adapters: Adapters | None = None
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
@@ -83,7 +84,8 @@ class SDModel(kserve.Model):
     def _prepare(self) -> ModelBackend:
         served = model_setup.prepare(self.name, self.settings, self.limits)
         self.loaded, self.adapters, self.parser = served.loaded, served.adapters, served.parser
-        self.tokenizers, self.previewer, self.preview_error = served.tokenizers, served.previewer, served.preview_error
+        self.tokenizers, self.weighted_tokenizers = served.tokenizers, served.weighted_tokenizers
+        self.previewer, self.preview_error = served.previewer, served.preview_error
         return served.backend
 
     def _warmup(self) -> list[tuple[str, list[GenerationRequest]]]:
@@ -136,6 +138,11 @@ class SDModel(kserve.Model):
             "inputs": ["image"] if caps.needs_image else ["image", "mask"] if caps.needs_mask else
             ["text", "image", "mask"],
         }
+        prompts = self.parser.prompts  # each only when there is something to show
+        if prompts.default_syntax != "plain":
+            out["prompt_syntax"] = prompts.default_syntax
+        if prompts.embeddings:
+            out["embeddings"] = sorted(prompts.embeddings)
         if self.adapters is not None:  # each only when there is something to show
             if found := self.adapters.recipes():
                 out["recipes"] = {name: recipe.describe() for name, recipe in found.items()}
@@ -195,8 +202,16 @@ class SDModel(kserve.Model):
             metrics.REQUEST_SECONDS.labels(protocol=protocol).observe(time.perf_counter() - started)
         return response
 
-    def _warnings(self, requests) -> list[list[str]]:
-        return [prompt_warnings(self.tokenizers, r) for r in requests]
+    def _reports(self, requests: list[GenerationRequest], where: str = "") -> list[PromptReport]:
+        """What each request's text encoders read (400 for a weighted prompt over --max_prompt_tokens)."""
+        reports = []
+        for i, request in enumerate(requests):
+            try:
+                reports.append(prompt_report(self.tokenizers, self.weighted_tokenizers, request,
+                                             self.limits.max_prompt_tokens, self.parser.prompts.embeddings))
+            except InvalidInput as exc:
+                raise InvalidInput(f"{where.format(i)}{exc.reason}") from None
+        return reports
 
     async def _fetch_adapters(self, requests: list[GenerationRequest]) -> None:
         """Download the adapters ``requests`` name that are not on local disk yet (a remote
@@ -211,26 +226,29 @@ class SDModel(kserve.Model):
 
     async def _predict_v1(self, payload: Any, call: Call) -> dict:
         requests = v1.parse_v1(payload, self.parser)
+        reports = self._reports(requests, "instances[{}].")
         await self._fetch_adapters(requests)
-        warnings = self._warnings(requests)
         results = await self.batch_engine.generate(requests, call.request_id, call.timeout_s)
         predictions = await asyncio.to_thread(
-            lambda: [v1.encode_prediction(*args, self.name) for args in zip(requests, results, warnings)]
+            lambda: [v1.encode_prediction(request, result, report.warnings, self.name, report.tokens)
+                     for request, result, report in zip(requests, results, reports)]
         )
         return {"predictions": predictions}
 
     async def _predict_v2(self, payload: InferRequest, call: Call):
         parsed = v2.parse_v2(payload, self.parser, call.request_id)
+        reports = self._reports(parsed.requests)
         await self._fetch_adapters(parsed.requests)
-        warnings = [w for ws in self._warnings(parsed.requests) for w in ws]
         results = await self.batch_engine.generate(parsed.requests, call.request_id, call.timeout_s)
-        return await asyncio.to_thread(v2.encode_response, parsed, results, self.name, warnings)
+        return await asyncio.to_thread(v2.encode_response, parsed, results, self.name,
+                                       [w for r in reports for w in r.warnings], [r.tokens for r in reports])
 
     async def _predict_openai(self, body: Any, call: Call) -> dict | ImageStream:
         parsed = openai_images.parse_openai_request(body, self.parser, self.name)
         request = parsed.request
+        (report,) = self._reports([request])
+        warnings = report.warnings
         await self._fetch_adapters([request])
-        (warnings,) = self._warnings([request])
         if parsed.stream is not None:
             previewer = self._previewer() if parsed.stream.partial_images else None
             stream = ImageStream(parsed, self.name, call.request_id, call.timeout_s, previewer,
@@ -238,7 +256,7 @@ class SDModel(kserve.Model):
             stream.submit(self.batch_engine)  # a full queue is still a plain 503, before any event
             return stream
         (result,) = await self.batch_engine.generate([request], call.request_id, call.timeout_s)
-        return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name, warnings)
+        return await asyncio.to_thread(openai_images.encode_openai, request, result, self.name, warnings, report.tokens)
 
     def _previewer(self) -> Previewer:
         """The cheap previewer for partial images (never the model's VAE)."""

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max_loaded_adapters", type=int, default=16, metavar="N",
                        help="most LoRA adapters loaded into the model at once; loading another unloads the least "
                        "recently used one that no image in flight uses (a local folder's first N load at start-up)")
+    model.add_argument("--embeddings_dir", default=None, metavar="DIR",
+                       help="textual-inversion embeddings (<name>.safetensors each; or a remote location, downloaded "
+                       "at start-up) that weighted prompts name as <name> (default: <model_dir>/embeddings)")
+    model.add_argument("--prompt_syntax", default="plain", choices=["plain", "compel", "a1111"],
+                       help="how prompts of requests that give no prompt_syntax are read: plain (as diffusers reads "
+                       "them: 77 tokens), compel or a1111 (weights, long prompts in 75-token chunks, BREAK, embeddings)")
     model.add_argument("--fuse_lora", default=None, metavar="NAME[:SCALE]",
                        help="fuse this LoRA adapter into the base weights at start-up (SCALE default: its "
                        "recipe's scale, else 1): no per-step LoRA cost, requests cannot name it, and its "
@@ -101,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_images", type=int, default=defaults.max_images, help="most images in one request")
     limits.add_argument("--max_prompt_length", type=int, default=defaults.max_prompt_length,
                         help="longest prompt, in characters")
+    limits.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens,
+                        help="most tokens a weighted prompt (prompt_syntax compel or a1111) is read as, per text encoder")
 
     batching = parser.add_argument_group("step scheduling and queueing")
     engine = EngineSettings()

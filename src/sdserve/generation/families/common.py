@@ -18,9 +18,11 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...models.embeddings import PromptVocabulary
 from ...models.schedulers import build_scheduler
 from ...request.types import GenerationRequest
 from ..state import ImageState, Rows, Schedule
+from ..weighted_prompts import WeightedPrompts
 
 
 def negatives(requests: list[GenerationRequest], encoder: int) -> list[str] | None:
@@ -60,6 +62,14 @@ class Phase:
         # An inpainting denoiser also reads the mask (1 channel) and the masked image's latents.
         self.mask_channels = self.denoiser.config.in_channels != self.latent_channels
         self.masks = mask_processor(self)
+        self.vocabulary: PromptVocabulary | None = None  # weighted prompts' tokenizers (set by the backend)
+        self._weighted: WeightedPrompts | None = None
+
+    def weighted_prompts(self) -> WeightedPrompts:
+        """compel over this pipeline's encoders, for prompts in a weighted syntax (built on first use)."""
+        if self._weighted is None:
+            self._weighted = WeightedPrompts(self.pipe, self.vocabulary or PromptVocabulary(), self.device)
+        return self._weighted
 
     # -- per request -----------------------------------------------------------------------
     def guided(self, request: GenerationRequest) -> bool:

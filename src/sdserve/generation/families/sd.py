@@ -13,15 +13,23 @@ from .common import Phase, negatives
 
 class StableDiffusionPhase(Phase):
     def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
-        embeds, negative = self.pipe.encode_prompt(
-            [r.prompt for r in requests], self.device, 1, guided,
-            negatives(requests, 1),
-        )
-        rows = []
+        rows: dict[int, Rows] = {}
+        plain = [i for i, r in enumerate(requests) if r.prompt_syntax == "plain"]
+        if plain:
+            embeds, negative = self.pipe.encode_prompt(
+                [requests[i].prompt for i in plain], self.device, 1, guided,
+                negatives([requests[i] for i in plain], 1),
+            )
+            for k, i in enumerate(plain):
+                rows[i] = self._rows(requests[i], embeds[k : k + 1], negative[k : k + 1] if guided else None)
         for i, request in enumerate(requests):
-            cond = {"encoder_hidden_states": embeds[i : i + 1], **self.guidance_condition(request, embeds.dtype)}
-            rows.append(Rows(cond, {**cond, "encoder_hidden_states": negative[i : i + 1]} if guided else None))
-        return rows
+            if i not in rows:  # a weighted syntax: compel's conditioning, one request at a time
+                rows[i] = self._rows(request, *self.weighted_prompts().sd(request, guided))
+        return [rows[i] for i in range(len(requests))]
+
+    def _rows(self, request: GenerationRequest, embeds: torch.Tensor, negative: torch.Tensor | None) -> Rows:
+        cond = {"encoder_hidden_states": embeds, **self.guidance_condition(request, embeds.dtype)}
+        return Rows(cond, {**cond, "encoder_hidden_states": negative} if negative is not None else None)
 
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         scheduler = self.new_scheduler(request, image_seed)

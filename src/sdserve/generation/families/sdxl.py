@@ -28,21 +28,37 @@ class _SDXLPhase(Phase):
                           if "aesthetic_score" in defaults else None)
 
     def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
-        embeds, negative, pooled, negative_pooled, projection = self._embeddings(requests, guided)
-        rows = []
-        for i, r in enumerate(requests):
-            size = (r.height, r.width)
-            original, crops, target = r.original_size or size, r.crops_coords_top_left or (0, 0), r.target_size or size
-            if self.aesthetic is None:
-                time_ids = negative_time_ids = self.pipe._get_add_time_ids(
-                    original, crops, target, dtype=embeds.dtype, text_encoder_projection_dim=projection)
-            else:
-                time_ids, negative_time_ids = self.pipe._get_add_time_ids(
-                    original, crops, target, *self.aesthetic, original, (0, 0), target,
-                    dtype=embeds.dtype, text_encoder_projection_dim=projection,
-                )
-            rows.append(self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids, guided))
-        return rows
+        rows: dict[int, Rows] = {}
+        plain = [i for i, r in enumerate(requests) if r.prompt_syntax == "plain"]
+        if plain:
+            *embeddings, projection = self._embeddings([requests[i] for i in plain], guided)
+            for k, i in enumerate(plain):
+                rows[i] = self._request_rows(requests[i], k, *embeddings, projection, guided)
+        for i, request in enumerate(requests):
+            if i not in rows:  # a weighted syntax: compel's conditioning, one request at a time
+                weighted = self.weighted_prompts()
+                embeds, negative, pooled, negative_pooled = (
+                    weighted.refiner if self.pipe.text_encoder is None else weighted.sdxl)(request, guided)
+                if guided and negative is None:  # no negative prompt: zeros, as for plain prompts
+                    negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+                rows[i] = self._request_rows(request, 0, embeds, negative, pooled, negative_pooled,
+                                             self._projection(pooled), guided)
+        return [rows[i] for i in range(len(requests))]
+
+    def _request_rows(self, r: GenerationRequest, i: int, embeds, negative, pooled, negative_pooled, projection: int,
+                      guided: bool) -> Rows:
+        """Request ``r``'s rows: row ``i`` of the embeddings, with its size micro-conditioning."""
+        size = (r.height, r.width)
+        original, crops, target = r.original_size or size, r.crops_coords_top_left or (0, 0), r.target_size or size
+        if self.aesthetic is None:
+            time_ids = negative_time_ids = self.pipe._get_add_time_ids(
+                original, crops, target, dtype=embeds.dtype, text_encoder_projection_dim=projection)
+        else:
+            time_ids, negative_time_ids = self.pipe._get_add_time_ids(
+                original, crops, target, *self.aesthetic, original, (0, 0), target,
+                dtype=embeds.dtype, text_encoder_projection_dim=projection,
+            )
+        return self._rows(i, r, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids, guided)
 
     def encode_pixels(self, pixels: torch.Tensor, dtype: torch.dtype):
         """As the pipelines encode: a VAE that needs it runs in float32 for the call."""
@@ -76,9 +92,11 @@ class _SDXLPhase(Phase):
             negative_prompt=negatives(requests, 1),
             negative_prompt_2=negatives(requests, 2),
         )
+        return embeds, negative, pooled, negative_pooled, self._projection(pooled)
+
+    def _projection(self, pooled: torch.Tensor) -> int:
         encoder_2 = self.pipe.text_encoder_2
-        projection = encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1])
-        return embeds, negative, pooled, negative_pooled, projection
+        return encoder_2.config.projection_dim if encoder_2 is not None else int(pooled.shape[-1])
 
     def _rows(self, i: int, request, embeds, negative, pooled, negative_pooled, time_ids, negative_time_ids,
               guided: bool) -> Rows:
@@ -94,8 +112,8 @@ class _SDXLPhase(Phase):
     def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.denoiser(
             latents, t, encoder_hidden_states=cond["encoder_hidden_states"], timestep_cond=cond.get("timestep_cond"),
-            cross_attention_kwargs=None, added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
-            return_dict=False,
+            cross_attention_kwargs=None, return_dict=False,
+            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
         )[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
