@@ -9,6 +9,10 @@ QUEUE_DEPTH = Gauge("sdserve_queue_depth", "Requests waiting for the GPU worker"
 BATCH_IMAGES = Histogram(
     "sdserve_batch_size_images", "Images in one denoiser call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 )
+DENOISER_ROWS = Counter("sdserve_denoiser_rows_run", "Denoiser rows run: through the whole denoiser (full) or with "
+                        "reused deep features (cached)", ["work"])  # full | cached
+ROWS_SAVED = Counter("sdserve_denoiser_rows_saved", "Denoiser work saved, in rows: unconditional rows not run outside "
+                     "a guidance_interval, rows that reused deep features (cache)", ["reason"])
 ROWS_PER_CALL = Histogram(
     "sdserve_denoiser_rows", "Rows in one denoiser call (two per image with classifier-free guidance)",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128),

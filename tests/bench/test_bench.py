@@ -71,3 +71,16 @@ def test_mixed_adapters_bench_runs_on_cpu(tmp_path):
     assert shares["8 adapters, one call"]["steps_per_s"] > 2 * shares["8 adapters, a call per adapter (before)"]["steps_per_s"]
     assert set(report["denoiser_call_by_rows"]) == {"1", "2", "4", "8", "16"}
     assert result.with_suffix(".md").read_text().startswith("# sdserve mixed adapters")
+
+
+def test_step_savings_bench_runs_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "step_savings.py"), "--device", "cpu", "--runs", "1", "--steps", "6",
+                          "--size", "64", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("step-savings-cpu-*.json")
+    report = json.loads(result.read_text())
+    assert {"guidance_interval [0.2, 0.8] ÷ every step guided, per denoising step",
+            "cache deep, interval 3 ÷ plain, per denoising step"} <= set(report["results"])
+    saved = report["rows_saved"]
+    assert saved["cache deep, interval 3 ÷ plain, end to end"]["cache"] == 8  # 4 of 6 steps, two rows each
+    assert result.with_suffix(".md").read_text().startswith("# sdserve fewer denoiser FLOPs")

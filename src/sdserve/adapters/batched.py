@@ -115,15 +115,13 @@ class BatchedLoRA:
     @contextlib.contextmanager
     def rows(self, rows: list[AdapterSet], device: torch.device):
         """Within this block, denoiser calls add row i's adapters (``rows[i]``) to row i."""
-        if not any(rows):
-            yield
-            return
-        self.plan = RowPlan.of(rows, device)
-        self._scales.clear()
+        outer, scales = self.plan, self._scales  # a block inside another (a call of part of its rows)
+        self.plan = RowPlan.of(rows, device) if any(rows) else None
+        self._scales = {}
         try:
             yield
         finally:
-            self.plan = None
+            self.plan, self._scales = outer, scales
 
     @contextlib.contextmanager
     def exclusive(self, adapters: AdapterSet):

@@ -47,6 +47,8 @@ class Job:
     abandoned: threading.Event = field(default_factory=threading.Event)
     images: list = field(default_factory=list)  # uint8 arrays as they are decoded, by image index
     most_images_per_call: int = 0
+    rows_saved: dict[str, int] = field(default_factory=lambda: {"guidance_interval": 0, "cache": 0})
+    cache_logs: list = field(default_factory=list)  # per image with a feature cache: what ran at each call
 
     def abandon(self) -> None:
         """The caller stopped waiting: drop the job if queued, stop its images if running."""

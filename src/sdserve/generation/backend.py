@@ -18,7 +18,7 @@ from .admission import Job
 from .families import BY_FAMILY, Phase, SDXLRefinerPhase
 from .faults import Faults
 from .image_start import begin_from_image, encode_start
-from .state import ImageState, Rows
+from .state import FeatureCache, ImageState, Rows
 
 
 class ModelBackend:
@@ -82,6 +82,7 @@ class ModelBackend:
         for job in jobs:
             request, phases = job.request, self.phases(job.request)
             job.images = [None] * request.num_images
+            job.cache_logs = [[] for _ in range(request.num_images)]
             dtype = rows[id(job), self.base.name].cond["encoder_hidden_states"].dtype
             start = encode_start(self.base, request, dtype) if request.image is not None else None
             # adapters the batched path cannot serve: calls of their own (the policy's group key)
@@ -91,7 +92,9 @@ class ModelBackend:
                 generator = torch.Generator("cpu").manual_seed(seed)
                 schedules = [p.plan(request, seed, generator, rows[id(job), p.name]) for p in phases]
                 image = ImageState(job, index, seed, generator, schedules, sum(len(s.times) for s in schedules),
-                                   next(self._order), own_calls=own_calls)
+                                   next(self._order), own_calls=own_calls,
+                                   cache=FeatureCache(request.cache, request.cache_interval, request.cache_threshold,
+                                                      ran=job.cache_logs[index]) if request.cache != "none" else None)
                 if start is None:
                     image.latents = self.base.begin(image, None)
                 else:

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .. import metrics
+from .feature_cache import deep_call, first_block_call, uses_cache
 from .image_start import denoiser_input, keep_unmasked
 from .policy import padded
 from .state import ImageState, Phase
@@ -48,9 +50,17 @@ class Denoise:
         row_images += [row_images[-1]] * (size - rows)
         latents = torch.cat(inputs) if size > 1 else inputs[0]
         t = torch.tensor(times, dtype=torch.float32, device=latents.device)
+        cond = self._cond(images, size)
         with self.adapter_scope(phase, row_images):  # each row's LoRA adapters
-            output = phase.call(latents, t, self._cond(images, size))
+            if uses_cache(images):  # some rows reuse features: they run part of the denoiser
+                cached = deep_call if phase.denoiser.__class__.__name__.startswith("UNet") else first_block_call
+                output = cached(phase, latents, t, cond, row_images, lambda rows: self.adapter_scope(phase, rows))
+            else:
+                output = phase.call(latents, t, cond)
 
+        cached = sum(im.rows for im in images if im.cache is not None and im.cache.ran and im.cache.ran[-1] == "cached")
+        metrics.DENOISER_ROWS.labels(work="full").inc(size - cached)
+        metrics.DENOISER_ROWS.labels(work="cached").inc(cached)
         failures = []
         row = 0
         for image in images:
@@ -60,6 +70,9 @@ class Denoise:
                 noise = uncond + image.job.request.guidance_scale * (text - uncond)
             else:
                 noise = output[row : row + 1]
+                if image.schedule.rows.uncond is not None:  # outside its guidance interval: one row saved
+                    image.job.rows_saved["guidance_interval"] += 1
+                    metrics.ROWS_SAVED.labels(reason="guidance_interval").inc()
             row += image.rows
             try:
                 result = s.scheduler.step(noise, s.timesteps[image.step], image.latents, **s.step_kwargs)
@@ -85,7 +98,7 @@ class Denoise:
         parts: list[dict[str, torch.Tensor]] = []
         for image in images:
             rows = image.schedule.rows
-            parts += [rows.uncond, rows.cond] if rows.uncond is not None else [rows.cond]
+            parts += [rows.uncond, rows.cond] if image.guided else [rows.cond]
         parts += [parts[-1]] * (size - len(parts))
         cond = {name: torch.cat([p[name] for p in parts]) if len(parts) > 1 else parts[0][name] for name in parts[0]}
         self._conditioning[key] = (selection, cond)

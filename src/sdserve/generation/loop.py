@@ -185,6 +185,8 @@ class StepLoop:
         job.future.set_result(GenerationResult(
             images=job.images, seeds=job.request.seeds, queue_seconds=job.admitted_at - job.enqueued_at,
             generate_seconds=now - job.admitted_at, batch_images=job.most_images_per_call,
+            rows_saved=dict(job.rows_saved) if job.request.cache != "none"
+            or job.request.guidance_interval != (0.0, 1.0) else None,
         ))
 
     def _fail(self, job: Job, error: Exception, reason: str, cause: Exception | None = None) -> None:

@@ -56,6 +56,20 @@ class Inpaint:
 
 
 @dataclass(eq=False)
+class FeatureCache:
+    """One image's reused features (``feature_cache.py``), kept for the phase that made them."""
+
+    mode: str  # deep | first_block
+    interval: int = 3  # deep: the deep blocks run every this many steps
+    threshold: float = 0.1  # first_block: skip while the first block's residual changed less than this
+    phase: str | None = None  # the phase (denoiser) the features below belong to
+    deep: torch.Tensor | None = None  # deep: what entered the last up block at the last full step, per row
+    head: torch.Tensor | None = None  # first_block: the first block's residual at the last full step
+    tail: torch.Tensor | None = None  # first_block: what the other blocks added at the last full step
+    ran: list[str] = field(default_factory=list)  # per denoiser call: "full" or "cached" (what ran)
+
+
+@dataclass(eq=False)
 class ImageState:
     """One image in flight: its schedules (current first), latents, generator and progress."""
 
@@ -73,6 +87,7 @@ class ImageState:
     waited: int = 0  # calls of its group that left it out since it last stepped
     inpaint: Inpaint | None = None
     own_calls: tuple = ()  # LoRA adapters only peft's own path serves: calls with just this set
+    cache: FeatureCache | None = None  # features reused between steps (request.cache)
 
     @property
     def schedule(self) -> Schedule:
@@ -88,7 +103,12 @@ class ImageState:
 
     @property
     def guided(self) -> bool:
-        return self.schedule.rows.uncond is not None
+        """Classifier-free guidance at this step: the request asks for it, and the image is within
+        its ``guidance_interval`` (fractions of all its denoiser calls)."""
+        if self.schedule.rows.uncond is None:
+            return False
+        lo, hi = self.job.request.guidance_interval
+        return lo <= self.steps_done / self.total_steps < hi
 
     @property
     def rows(self) -> int:

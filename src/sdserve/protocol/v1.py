@@ -86,6 +86,7 @@ def encode_prediction(
             "queue_s": round(result.queue_seconds, 4),
             "generate_s": round(result.generate_seconds, 4),
             "batch_images": result.batch_images,
+            **({"rows_saved": result.rows_saved} if result.rows_saved is not None else {}),
         },
     }
     if prompt_tokens:  # text encoder -> tokens of the prompt it read (markers included)

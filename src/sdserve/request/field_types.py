@@ -101,6 +101,19 @@ def pair(lo: int, hi: int) -> Any:
     return Annotated[tuple[side, side], BeforeValidator(numbers), expect] | None
 
 
+def fraction_pair() -> Any:
+    """Two numbers from 0 to 1 (their order is checked with the field's meaning)."""
+    def numbers(value: Any) -> Any:
+        value = json_list(value)
+        if not isinstance(value, (list, tuple)) or any(as_number(x) is None for x in value):
+            raise invalid()
+        return [as_number(x) for x in value]
+
+    fraction = Annotated[float, Field(ge=0.0, le=1.0), Strict(False)]
+    return Annotated[tuple[fraction, fraction], BeforeValidator(numbers),
+                     Expect("a list of two fractions [lo, hi] from 0 to 1, lo < hi")] | None
+
+
 def timestep_list(total: int, most: int) -> Any:
     """A schedule given outright: 1 to ``most`` training timesteps (below ``total``), descending."""
     def integers(value: Any) -> Any:

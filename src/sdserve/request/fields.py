@@ -41,6 +41,13 @@ FIELDS: dict[str, str] = {
     "target_size": "SDXL micro-conditioning [width, height]",
     "format": "output image format (any case)",
     "quality": "jpeg/webp quality",
+    "guidance_interval": "[lo, hi]: classifier-free guidance only between these fractions of the schedule, one "
+                         "denoiser row instead of two outside ([0, f]: diffusers' dynamic CFG); absent: the server's",
+    "cache": "reuse deep features between steps: none, deep (UNet models: DeepCache) or first_block (SD3: First "
+             "Block Cache); absent: the server's --cache",
+    "cache_interval": "cache deep: the deep blocks run every this many steps",
+    "cache_threshold": "cache first_block: skip the other blocks while the first block's output changed by less "
+                       "than this (relative)",
     "loras": 'LoRA adapters: [{"name": "...", "scale": 0.8}, ...] or ["name", ...]',
     "image": "start image (img2img, inpainting): base64 PNG/JPEG/WebP or a data: URL",
     "mask": "inpainting mask, same encodings: white = repaint, black = keep; needs image",

@@ -30,6 +30,7 @@ from .field_types import (
     Mask,
     bounded_text,
     choice,
+    fraction_pair,
     integer,
     pair,
     real,
@@ -39,6 +40,7 @@ from .field_types import (
 )
 from .fields import ALIASES, FIELDS
 from .prompt_syntax import SYNTAXES
+from .step_savings import CACHES
 from .types import IMAGE_FORMATS, MAX_SEED, Limits
 
 
@@ -126,6 +128,10 @@ def parameters_model(limits: Limits, model: ModelCapabilities) -> type[BaseModel
         "target_size": (pair(1, SIZE_CONDITIONING), None),
         "format": (choice(IMAGE_FORMATS), "png"),
         "quality": (integer(1, 100), 90),
+        "guidance_interval": (fraction_pair(), None),
+        "cache": (choice({c: c for c in CACHES}) | None, None),
+        "cache_interval": (integer(1, 10) | None, None),
+        "cache_threshold": (real(0.0, 1.0, low_open=True) | None, None),
         "loras": (Loras, ()),
         "image": (Image, None),
         "mask": (Mask, None),

@@ -70,6 +70,10 @@ class GenerationRequest:
     target_size: tuple[int, int] | None = None
     image_format: str = "png"
     quality: int = 90
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # step_savings.py: guidance only within it
+    cache: str = "none"  # none | deep | first_block
+    cache_interval: int = 3
+    cache_threshold: float = 0.1
     loras: tuple[tuple[str, float], ...] = ()  # (adapter name, scale), applied to the base model
     # Image input: ``image`` (RGB) and ``mask`` (grayscale, white = repaint) are PIL images at
     # width x height; ``strength`` is how much of the schedule runs from the noised image.
@@ -102,7 +106,11 @@ class GenerationRequest:
         out["loras"] = [{"name": name, "scale": scale} for name, scale in self.loras] or None
         if self.image is not None:  # the image itself is the client's; say what was done with it
             out["mode"] = "inpaint" if self.mask is not None else "img2img"
-        for name in ("original_size", "crops_coords_top_left", "target_size", "timesteps"):
+        if self.cache != "deep":  # the settings of a cache the request does not use stay out
+            out.pop("cache_interval")
+        if self.cache != "first_block":
+            out.pop("cache_threshold")
+        for name in ("original_size", "crops_coords_top_left", "target_size", "timesteps", "guidance_interval"):
             if out[name] is not None:
                 out[name] = list(out[name])
         return {k: v for k, v in out.items() if v is not None}
@@ -117,3 +125,4 @@ class GenerationResult:
     queue_seconds: float = 0.0
     generate_seconds: float = 0.0
     batch_images: int = 0
+    rows_saved: dict[str, int] | None = None  # denoiser rows saved (guidance_interval, cache), when asked for

@@ -23,7 +23,7 @@ from ..models.schedulers import (
     sampler_fields,
     samplers_taking,
 )
-from . import image_input
+from . import image_input, step_savings
 from .fields import FAMILY_FIELDS, FAMILY_NOTES, AdapterCatalog, field_keys
 from .parameter_errors import validate
 from .parameters import default_size, inline_definitions, parameters_model
@@ -64,11 +64,13 @@ class RequestParser:
     Each field's own rules are the :func:`parameters_model`'s; the rules between fields are here."""
 
     def __init__(self, limits: Limits, model: ModelCapabilities, adapters: AdapterCatalog | None = None,
-                 prompts: PromptSettings = PromptSettings()):
+                 prompts: PromptSettings = PromptSettings(),
+                 savings: step_savings.SavingsDefaults = step_savings.SavingsDefaults()):
         self.limits = limits
         self.model = model
         self.adapters = adapters or NoAdapters()
         self.prompts = prompts
+        self.savings = savings
         self.parameters = parameters_model(limits, model)
 
     def schema(self) -> dict[str, Any]:
@@ -97,7 +99,7 @@ class RequestParser:
         v = Given(*validate(self.parameters, values, where, self.adapters), where)
         lim, model = self.limits, self.model
         for name, families in FAMILY_FIELDS.items():
-            if v.has(name) and model.family not in families:
+            if v.has(name) and model.family not in families and not (name == "prompt_syntax" and v.prompt_syntax == "plain"):
                 names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
                 raise InvalidInput(
                     f"{v.label(name)}: only {' and '.join(names[f] for f in families)} models accept this "
@@ -113,6 +115,7 @@ class RequestParser:
                                      else "plain")
         if syntax != "plain":
             check_prompts({v.label(n): getattr(v, n) for n in CLIP_PROMPTS}, syntax, self.prompts.embeddings)
+        savings = step_savings.resolve(v, model.family, self.savings)
         scheduler = v.scheduler
         takes = sampler_fields(scheduler, model.scheduler_class, model.scheduler_family)
         for name in SAMPLER_FIELDS:
@@ -180,6 +183,7 @@ class RequestParser:
             negative_prompt_2=v.negative_prompt_2,
             negative_prompt_3=v.negative_prompt_3,
             prompt_syntax=syntax,
+            **savings,
             width=width,
             height=height,
             num_inference_steps=steps,

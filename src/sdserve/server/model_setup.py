@@ -23,6 +23,7 @@ from ..request import recipes
 from ..request.fields import FAMILY_FIELDS
 from ..request.prompt_syntax import PromptSettings
 from ..request.prompts import counting_tokenizers
+from ..request.step_savings import SavingsDefaults
 from ..request.types import GenerationRequest, Limits
 from ..request.validation import RequestParser
 from .preview_setup import model_previewer
@@ -45,6 +46,7 @@ class ModelSettings:
     max_loaded_adapters: int | None = 16  # LoRA adapters loaded at once (least recently used out); None: all
     embeddings_dir: str | None = None  # textual-inversion embeddings; default: <model_dir>/embeddings
     prompt_syntax: str = "plain"  # how a request that does not say reads its prompts
+    savings: SavingsDefaults = SavingsDefaults()  # --guidance_interval, --cache...
     download_dir: str | None = None  # where remote model locations are downloaded to
     load_options: loading.LoadOptions = loading.LoadOptions()
     optimizations: Optimizations = Optimizations()
@@ -80,7 +82,7 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
                         max_loaded=s.max_loaded_adapters)
     adapters.load_all(loaded.base)
     vocabulary, prompts = _prompt_vocabulary(s, caps.family, loaded, Path(model_dir))
-    parser = RequestParser(limits, caps, adapters, prompts)
+    parser = RequestParser(limits, caps, adapters, prompts, s.savings)
     previewer, preview_error = model_previewer(loaded, s.preview_vae, s.download_dir)
     opts = s.optimizations
     done = optimize.apply(loaded.base, opts)

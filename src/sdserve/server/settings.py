@@ -12,6 +12,7 @@ from ..adapters.library import parse_fuse_lora
 from ..generation import EngineSettings
 from ..models.loading import LoadOptions
 from ..models.optimize import COMPILE_MODES, COMPILE_TARGETS, Optimizations, parse_sizes
+from ..request.step_savings import SavingsDefaults, parse_interval
 from ..request.types import Limits
 from .model_setup import ModelSettings
 from .request_policy import Policy
@@ -77,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vae_slicing", action="store_true", help="decode a batch one image at a time")
     model.add_argument("--drop_t5", action="store_true",
                        help="SD3: do not load the T5-XXL text encoder (saves ~9 GB; prompts use the CLIP encoders only)")
+    savings = parser.add_argument_group("fewer denoiser FLOPs per image (request defaults; each off by default)")
+    savings.add_argument("--guidance_interval", default="0,1", metavar="LO,HI",
+                         help="classifier-free guidance only between these fractions of each image's schedule (one "
+                         "denoiser row instead of two outside it); 0,1: every step")
+    savings.add_argument("--cache", default="none", choices=["none", "deep", "first_block"],
+                         help="reuse deep features between steps: deep (UNet models: DeepCache), first_block (SD3: "
+                         "First Block Cache); requests may ask for it themselves")
+    savings.add_argument("--cache_interval", type=int, default=3, help="cache deep: the deep blocks run every N steps")
+    savings.add_argument("--cache_threshold", type=float, default=0.1,
+                         help="cache first_block: the relative change of the first block's output under which the "
+                         "other blocks are skipped")
     speed = parser.add_argument_group("speed (each off by default: the plain diffusers path)")
     speed.add_argument("--fuse_qkv", action="store_true", help="fuse attention's Q, K and V projections")
     speed.add_argument("--channels_last", action="store_true", help="NHWC memory layout for UNet and VAE")
@@ -183,6 +195,7 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
                 load_options=_from_args(LoadOptions, args),
                 fuse_lora=parse_fuse_lora(args.fuse_lora),
                 optimizations=_from_args(Optimizations, args, warmup=parse_sizes(args.warmup)),
+                savings=_from_args(SavingsDefaults, args, guidance_interval=parse_interval(args.guidance_interval)),
             ),
             limits=_from_args(Limits, args),
             engine=_from_args(EngineSettings, args, max_wait_ms=args.max_batch_wait_ms, retry_after_s=args.retry_after),

@@ -155,6 +155,10 @@ class Phase:
     def scale(self, schedule: Schedule, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return schedule.scheduler.scale_model_input(latents, t)
 
+    def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
+        """The denoiser's conditioning arguments from a call's concatenated rows."""
+        raise NotImplementedError
+
     def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """The denoiser over rows of several images, each with its own timestep and conditioning."""
         raise NotImplementedError

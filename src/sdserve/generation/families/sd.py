@@ -41,11 +41,12 @@ class StableDiffusionPhase(Phase):
         dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
         return self.noise(image, dtype) * image.schedule.scheduler.init_noise_sigma
 
+    def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "timestep_cond": cond.get("timestep_cond")}
+
     def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.denoiser(
-            latents, t, encoder_hidden_states=cond["encoder_hidden_states"], timestep_cond=cond.get("timestep_cond"),
-            cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
-        )[0]
+        return self.denoiser(latents, t, **self.denoiser_kwargs(cond), cross_attention_kwargs=None,
+                             added_cond_kwargs=None, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

@@ -69,11 +69,12 @@ class StableDiffusion3Phase(Phase):
     def scale(self, schedule: Schedule, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latents  # flow matching feeds the latents as they are
 
+    def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "pooled_projections": cond["pooled_projections"]}
+
     def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.denoiser(
-            hidden_states=latents, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"], joint_attention_kwargs=None, return_dict=False,
-        )[0]
+        return self.denoiser(hidden_states=latents, timestep=t, **self.denoiser_kwargs(cond),
+                             joint_attention_kwargs=None, return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

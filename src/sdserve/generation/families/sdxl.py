@@ -109,12 +109,13 @@ class _SDXLPhase(Phase):
                   "time_ids": negative_time_ids.to(self.device), **extra}
         return Rows(cond, uncond)
 
+    def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"], "timestep_cond": cond.get("timestep_cond"),
+                "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}}
+
     def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.denoiser(
-            latents, t, encoder_hidden_states=cond["encoder_hidden_states"], timestep_cond=cond.get("timestep_cond"),
-            cross_attention_kwargs=None, return_dict=False,
-            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
-        )[0]
+        return self.denoiser(latents, t, **self.denoiser_kwargs(cond), cross_attention_kwargs=None,
+                             return_dict=False)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """As the pipelines decode: a float16 VAE that needs it runs in float32 for the call."""

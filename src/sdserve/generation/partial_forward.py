@@ -1,0 +1,103 @@
+"""Denoiser forwards that run part of the model, for features reused between steps
+(``feature_cache.py``). Each follows the model's own ``forward`` in diffusers step for step, with
+the model's own modules, and leaves out only what the cached features stand for.
+
+* :func:`unet_shallow`: DeepCache's cached step of a ``UNet2DConditionModel``: the embeddings,
+  ``conv_in`` and the first down block (their outputs are the skip connections the last up block
+  reads), then the last up block on the feature cached at the last full step, and the output layers.
+* :func:`sd3_first_block`: an ``SD3Transformer2DModel`` forward with First Block Cache per row: the
+  first block for every row; the other blocks only for the rows that need them (the others add
+  the residual those blocks added at their last full step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def last_up_block_input(unet) -> tuple[Callable[[], torch.Tensor | None], Any]:
+    """A hook that keeps what enters the last up block in a full forward: (read it, the handle)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, kwargs):
+        seen["input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    handle = unet.up_blocks[-1].register_forward_pre_hook(keep, with_kwargs=True)
+    return (lambda: seen.get("input")), handle
+
+
+def unet_shallow(unet, sample: torch.Tensor, timestep: torch.Tensor, deep: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor, timestep_cond: torch.Tensor | None = None,
+                 added_cond_kwargs: dict | None = None, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+    """The UNet's output with ``deep`` (rows, C, H, W) in place of everything below the first down
+    block: ``UNet2DConditionModel.forward``'s own steps, the deep blocks left out."""
+    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+    emb = unet.time_embedding(t_emb, timestep_cond)
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs or {})
+    emb = emb + aug_emb if aug_emb is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states=encoder_hidden_states,
+                                                               added_cond_kwargs=added_cond_kwargs or {})
+    sample = unet.conv_in(sample)
+    first = unet.down_blocks[0]
+    if getattr(first, "has_cross_attention", False):
+        _, res = first(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states,
+                       cross_attention_kwargs=cross_attention_kwargs)
+    else:
+        _, res = first(hidden_states=sample, temb=emb)
+    last = unet.up_blocks[-1]
+    skips = ((sample,) + res)[: len(last.resnets)]  # what the full forward leaves for the last up block
+    if getattr(last, "has_cross_attention", False):
+        out = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips,
+                   encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
+    else:
+        out = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips)
+    if unet.conv_norm_out:
+        out = unet.conv_act(unet.conv_norm_out(out))
+    return unet.conv_out(out)
+
+
+def sd3_first_block(transformer, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+                    decide: Callable[[torch.Tensor], list[int]],
+                    store: Callable[[list[int], torch.Tensor, torch.Tensor], None],
+                    reuse: Callable[[list[int]], torch.Tensor],
+                    scope: Callable[[list[int]], Any]) -> torch.Tensor:
+    """``SD3Transformer2DModel.forward`` with the blocks after the first run only for the rows
+    ``decide(first block's residual)`` returns; ``store(rows, residual, tail)`` keeps what they
+    computed, ``reuse(rows)`` gives the other rows' last tail residual, and ``scope(rows)`` applies
+    those rows' LoRA adapters while the other blocks run on them alone."""
+    height, width = hidden_states.shape[-2:]
+    hidden_states = transformer.pos_embed(hidden_states).contiguous()
+    temb = transformer.time_text_embed(timestep, pooled_projections)
+    encoder_hidden_states = transformer.context_embedder(encoder_hidden_states)
+    blocks = transformer.transformer_blocks
+    before = hidden_states
+    encoder_hidden_states, hidden_states = blocks[0](hidden_states=hidden_states,
+                                                     encoder_hidden_states=encoder_hidden_states, temb=temb)
+    residual = hidden_states - before
+    compute = decide(residual)
+    skip = [r for r in range(hidden_states.shape[0]) if r not in compute]
+    out = hidden_states.clone()
+    if compute:
+        index = torch.tensor(compute, device=hidden_states.device)
+        h, e, te = hidden_states.index_select(0, index), encoder_hidden_states.index_select(0, index), temb.index_select(0, index)
+        head = h
+        with scope(compute):
+            for block in blocks[1:]:
+                e, h = block(hidden_states=h, encoder_hidden_states=e, temb=te)
+        out[index] = h
+        store(compute, residual.index_select(0, index), h - head)
+    if skip:
+        index = torch.tensor(skip, device=hidden_states.device)
+        out[index] = hidden_states.index_select(0, index) + reuse(skip)
+    out = transformer.proj_out(transformer.norm_out(out, temb))
+    patch = transformer.config.patch_size
+    out = out.reshape(out.shape[0], height // patch, width // patch, patch, patch, transformer.out_channels)
+    out = torch.einsum("nhwpqc->nchpwq", out)
+    return out.reshape(out.shape[0], transformer.out_channels, height, width)
