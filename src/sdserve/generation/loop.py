@@ -98,6 +98,7 @@ class StepLoop:
         if not images:
             return
         request = images[0].job.request
+        rows = sum(im.rows for im in images)  # before the step: after it, guidance may differ
         try:
             self.backend.faults.before_call(len(images), request.width, request.height)
             failures = self.denoise(images)
@@ -113,7 +114,7 @@ class StepLoop:
         phase = images[0].schedule.phase.name
         metrics.DENOISER_CALLS.labels(phase=phase).inc()
         metrics.BATCH_IMAGES.observe(len(images))
-        metrics.ROWS_PER_CALL.observe(sum(im.rows for im in images))
+        metrics.ROWS_PER_CALL.observe(rows)
         if images[0].schedule.phase.uses_adapters:
             metrics.ADAPTER_SETS_PER_CALL.observe(len({im.job.request.loras for im in images}))
 
