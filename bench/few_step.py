@@ -50,19 +50,26 @@ def alternate(server: Server, pairs: dict[str, tuple[dict, dict]], runs: int) ->
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def server_bench_arguments(description: str, steps: int, steps_help: str | None = None) -> argparse.Namespace:
+    """The command line of a bench that compares requests to one plain server (this one and
+    step_savings.py): device, model, size, steps, runs; the server's speed flags off."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model_dir", type=Path, help="default: a tiny SDXL model")
     parser.add_argument("--size", type=int, help="default: 1024 on CUDA, 256 on CPU")
-    parser.add_argument("--steps", type=int, default=20, help="steps of the guidance pair")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--max_batch_images", type=int, default=4)
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     args.size = args.size or (1024 if args.device == "cuda" else 256)
     args.compile, args.compile_mode, args.fuse_qkv, args.channels_last = "none", "default", False, False
+    return args
+
+
+def main() -> None:
+    args = server_bench_arguments(__doc__.split("\n\n")[0], 20, "steps of the guidance pair")
     if args.model_dir is None:
         from sdserve.tiny import write_tiny_model
 

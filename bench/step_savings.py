@@ -17,7 +17,6 @@ Results: bench/results/step-savings-<device>-<date>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from few_step import alternate  # noqa: E402  (bench/ is on the path from here)
+from few_step import alternate, server_bench_arguments  # noqa: E402  (bench/ is on the path from here)
 
 from server import Server  # noqa: E402
 
@@ -46,18 +45,7 @@ def per_step(results: dict, name: str, steps: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--model_dir", type=Path, help="default: a tiny SDXL model")
-    parser.add_argument("--size", type=int, help="default: 1024 on CUDA, 256 on CPU")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--max_batch_images", type=int, default=4)
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
-    args = parser.parse_args()
-    args.size = args.size or (1024 if args.device == "cuda" else 256)
-    args.compile, args.compile_mode, args.fuse_qkv, args.channels_last = "none", "default", False, False
+    args = server_bench_arguments(__doc__.split("\n\n")[0], 30)
     tiny = args.model_dir is None
     if tiny:
         from sdserve.tiny import write_tiny_model

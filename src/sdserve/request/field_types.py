@@ -89,39 +89,29 @@ def bounded_text(max_length: int) -> Any:
     return Annotated[str, Strict(), Field(max_length=max_length), Expect("a string")]
 
 
-def pair(lo: int, hi: int) -> Any:
-    def numbers(value: Any) -> Any:
-        value = json_list(value)
-        if not isinstance(value, (list, tuple)) or any(as_number(x) is None for x in value):
-            raise invalid()
-        return [as_number(x) for x in value]
+def number_list(value: Any) -> Any:
+    """A list of numbers (JSON text too, as gRPC parameters carry it); the type checks the rest."""
+    value = json_list(value)
+    if not isinstance(value, (list, tuple)) or any(as_number(x) is None for x in value):
+        raise invalid()
+    return [as_number(x) for x in value]
 
+
+def pair(lo: int, hi: int) -> Any:
     side = Annotated[int, Field(ge=lo, le=hi)]
     expect = Expect(f"a list of two integers from {lo} to {hi}")
-    return Annotated[tuple[side, side], BeforeValidator(numbers), expect] | None
+    return Annotated[tuple[side, side], BeforeValidator(number_list), expect] | None
 
 
 def fraction_pair() -> Any:
     """Two numbers from 0 to 1 (their order is checked with the field's meaning)."""
-    def numbers(value: Any) -> Any:
-        value = json_list(value)
-        if not isinstance(value, (list, tuple)) or any(as_number(x) is None for x in value):
-            raise invalid()
-        return [as_number(x) for x in value]
-
     fraction = Annotated[float, Field(ge=0.0, le=1.0), Strict(False)]
-    return Annotated[tuple[fraction, fraction], BeforeValidator(numbers),
+    return Annotated[tuple[fraction, fraction], BeforeValidator(number_list),
                      Expect("a list of two fractions [lo, hi] from 0 to 1, lo < hi")] | None
 
 
 def timestep_list(total: int, most: int) -> Any:
     """A schedule given outright: 1 to ``most`` training timesteps (below ``total``), descending."""
-    def integers(value: Any) -> Any:
-        value = json_list(value)
-        if not isinstance(value, (list, tuple)) or any(as_number(x) is None for x in value):
-            raise invalid()
-        return [as_number(x) for x in value]
-
     def descending(value: tuple[int, ...]) -> tuple[int, ...]:
         if any(later >= earlier for earlier, later in itertools.pairwise(value)):
             raise refuse(f"must be strictly descending, got {list(value)!r:.200}")
@@ -129,7 +119,7 @@ def timestep_list(total: int, most: int) -> Any:
 
     step = Annotated[int, Field(ge=0, le=total - 1)]
     expect = Expect(f"a list of 1 to {most} integers from 0 to {total - 1}, strictly descending")
-    return Annotated[tuple[step, ...], Field(min_length=1, max_length=most), BeforeValidator(integers),
+    return Annotated[tuple[step, ...], Field(min_length=1, max_length=most), BeforeValidator(number_list),
                      AfterValidator(descending), expect] | None
 
 
