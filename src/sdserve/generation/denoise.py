@@ -15,6 +15,8 @@ from .image_start import denoiser_input, keep_unmasked
 from .policy import padded
 from .state import ImageState, Phase
 
+_FULL_ROWS, _CACHED_ROWS = metrics.DENOISER_ROWS.labels(work="full"), metrics.DENOISER_ROWS.labels(work="cached")
+
 # (phase, the image of each row) -> what applies the rows' LoRA adapters during the call
 AdapterScope = Callable[[Phase, list[ImageState]], contextlib.AbstractContextManager]
 
@@ -59,8 +61,9 @@ class Denoise:
                 output = phase.call(latents, t, cond)
 
         cached = sum(im.rows for im in images if im.cache is not None and im.cache.ran and im.cache.ran[-1] == "cached")
-        metrics.DENOISER_ROWS.labels(work="full").inc(size - cached)
-        metrics.DENOISER_ROWS.labels(work="cached").inc(cached)
+        _FULL_ROWS.inc(size - cached)
+        if cached:
+            _CACHED_ROWS.inc(cached)
         failures = []
         row = 0
         for image in images:
