@@ -33,7 +33,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     built = {kind: write_tiny_model(root / kind, kind) for kind in ("sdxl-refiner", "sdxl", "sd", "sd3", "sd-single-file")}
     # the same SDXL base weights as "sdxl" (same seed), with two LoRA adapters under loras/
     built["sdxl-loras"] = write_tiny_model(root / "sdxl-loras", "sdxl", loras=("trex", "pixel"))
-    for kind in ("sd-inpaint", "sdxl-inpaint", "refiner-only"):
+    for kind in ("sd-inpaint", "sdxl-inpaint", "refiner-only", "sd35", "flux", "flux-schnell", "flux-fill"):
         built[kind] = write_tiny_model(root / kind, kind)
     return built
 

@@ -14,7 +14,7 @@ import torch
 
 from sdserve.generation.preview import LATENT_RGB_FACTORS, Previewer, PreviewError, _upsample
 
-FAMILIES = [("sd", 4), ("sdxl", 4), ("sd3", 16)]
+FAMILIES = [("sd", 4), ("sdxl", 4), ("sd3", 16), ("flux", 16)]
 
 
 def expected_colour(family: str, channel_values) -> list[int]:
@@ -78,6 +78,7 @@ def test_known_colours_spelled_out():
     assert Previewer("sd", 4)(torch.zeros(1, 4, 1, 1))[0, 0].tolist() == [128, 128, 128]
     assert Previewer("sdxl", 4)(torch.zeros(1, 4, 1, 1))[0, 0].tolist() == [141, 125, 127]
     assert Previewer("sd3", 16)(torch.zeros(1, 16, 1, 1))[0, 0].tolist() == [158, 155, 152]
+    assert Previewer("flux", 16)(torch.zeros(1, 16, 1, 1))[0, 0].tolist() == [123, 118, 117]
     one_hot = torch.zeros(1, 4, 1, 1)
     one_hot[0, 0] = 1.0  # SD 1.x channel 0: (0.3512, 0.2297, 0.3227)
     assert Previewer("sd", 4)(one_hot)[0, 0].tolist() == [172, 157, 169]
@@ -153,8 +154,8 @@ def test_cuda_latents_match_cpu():
 
 
 def test_bad_construction():
-    with pytest.raises(PreviewError, match="family 'flux'"):
-        Previewer("flux", 16)
+    with pytest.raises(PreviewError, match="family .kandinsky."):
+        Previewer("kandinsky", 4)
     with pytest.raises(PreviewError, match="covers 4 latent channels.*16"):
         Previewer("sdxl", 16)
     with pytest.raises(PreviewError, match="covers 16 latent channels"):

@@ -70,9 +70,16 @@ def _diffusers_images(model: LoadedModel, request: GenerationRequest) -> list[np
         "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
     }
     family = model.capabilities.family
-    if family in ("sdxl", "sd3"):
+    if family in ("sdxl", "sd3", "flux"):
         kwargs["prompt_2"] = [request.prompt_2 or request.prompt] * n
         kwargs["negative_prompt_2"] = [request.negative(2)] * n if has_negative else None
+    if request.true_cfg_scale != 1.0:  # FLUX's true CFG
+        kwargs["true_cfg_scale"] = request.true_cfg_scale
+    if request.skip_guidance_layers is not None:  # SD3's skip-layer guidance
+        kwargs.update(skip_guidance_layers=list(request.skip_guidance_layers),
+                      skip_layer_guidance_scale=request.skip_layer_guidance_scale,
+                      skip_layer_guidance_start=request.skip_layer_guidance_start,
+                      skip_layer_guidance_stop=request.skip_layer_guidance_stop)
     if family == "sd3":
         kwargs["prompt_3"] = [request.prompt_3 or request.prompt] * n
         kwargs["negative_prompt_3"] = [request.negative(3)] * n if has_negative else None
@@ -137,7 +144,7 @@ def _from_image(model: LoadedModel, request: GenerationRequest, kwargs: dict, si
         one = {k: (v[i : i + 1] if isinstance(v, list) else v) for k, v in kwargs.items()}
         one["generator"] = torch.Generator("cpu").manual_seed(seed)
         pipe.scheduler = _scheduler(request, model.scheduler_config, [seed], caps.scheduler_family)
-        call = {**one, **inputs, "strength": request.strength}
+        call = _accepted(pipe, {**one, **inputs, "strength": request.strength})
         if mode is RefinerMode.NONE and caps.family == "sd3" and request.mask is not None:
             images.append(_sd3_decode(pipe, pipe(output_type="latent", **call).images))
             continue
@@ -154,6 +161,12 @@ def _from_image(model: LoadedModel, request: GenerationRequest, kwargs: dict, si
             out = refiner(image=latents, strength=request.refiner_strength, output_type="np", **one)
         images.append(out.images[0])
     return list(to_uint8(np.stack(images)))
+
+
+def _accepted(pipe, kwargs: dict) -> dict:
+    """``kwargs`` less the unset ones ``pipe`` does not take (FluxFillPipeline has no negative prompt)."""
+    takes = inspect.signature(type(pipe).__call__).parameters
+    return {k: v for k, v in kwargs.items() if k in takes or v is not None}
 
 
 def _sd3_decode(pipe, latents) -> np.ndarray:

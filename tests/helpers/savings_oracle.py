@@ -69,9 +69,9 @@ def interval_images(model: LoadedModel, request: GenerationRequest) -> list[np.n
 
 @torch.inference_mode()
 def first_block_cache_images(model: LoadedModel, request: GenerationRequest) -> list[np.ndarray]:
-    """``request`` (SD3) through its pipeline with diffusers' First Block Cache on (a copy of) the
-    transformer: ``apply_first_block_cache``, as ``enable_cache`` does for the models that have it, in
-    one cache context for the whole call (the CFG rows of one image decide together)."""
+    """``request`` (SD3, FLUX) through its pipeline with diffusers' First Block Cache on (a copy of)
+    the transformer: ``apply_first_block_cache``, as ``enable_cache`` does for the models that have
+    it, in one cache context for the whole call (the CFG rows of one image decide together)."""
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
@@ -82,12 +82,16 @@ def first_block_cache_images(model: LoadedModel, request: GenerationRequest) -> 
         pipe.scheduler = build_scheduler(request.scheduler, model.scheduler_config, [seed],
                                          model.capabilities.scheduler_family)
         pipe.transformer = copy.deepcopy(original)
-        _last_block_returns_both(pipe.transformer)
+        # a registry copied from an earlier pipeline call caches that no block has hooks: start anew
+        vars(pipe.transformer).pop("_diffusers_hook", None)
+        if model.capabilities.family == "sd3":
+            _last_block_returns_both(pipe.transformer)
         apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=request.cache_threshold))
         # what CacheMixin.cache_context does around each denoiser call in the pipelines that have it
         _set_cache_context(pipe.transformer, CacheContext("cond_uncond"))
         try:
-            images.append(pipe(prompt=request.prompt, negative_prompt=request.negative_prompt, width=request.width,
+            negative = {"negative_prompt": request.negative_prompt} if model.capabilities.family == "sd3" else {}
+            images.append(pipe(prompt=request.prompt, **negative, width=request.width,
                                height=request.height, num_inference_steps=request.num_inference_steps,
                                guidance_scale=request.guidance_scale,
                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0])

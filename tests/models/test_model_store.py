@@ -68,9 +68,9 @@ def test_unsupported_pipeline_class(models, tmp_path):
     root = tmp_path / "m"
     shutil.copytree(models["sd"], root)
     index = json.loads((root / "model_index.json").read_text())
-    index["_class_name"] = "FluxPipeline"
+    index["_class_name"] = "KandinskyV22Pipeline"
     (root / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelStoreError, match="FluxPipeline is not supported; supported: StableDiffusionXLPipeline"):
+    with pytest.raises(ModelStoreError, match="KandinskyV22Pipeline is not supported; supported: StableDiffusionXLPipeline"):
         loading.load(discover(root), torch.device("cpu"), torch.float32)
 
 

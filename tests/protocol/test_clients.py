@@ -5,7 +5,6 @@ import asyncio
 import base64
 import io
 import json
-import re
 import subprocess
 import sys
 import textwrap
@@ -14,11 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.images import make_image, make_mask
-from helpers.paths import REPO
+from helpers.readme import example_inputs, readme_blocks, run_block
 from sdserve.protocol.image_encoding import read_metadata
-
-README = REPO / "README.md"
 
 
 def png_array(data: bytes) -> np.ndarray:
@@ -185,26 +181,12 @@ def test_cli_generate_locally_with_a_progress_bar(models, tmp_path):
     assert bad.returncode == 1 and "width: must be a multiple of 8" in bad.stderr
 
 
-def readme_blocks(language: str, must_contain: str) -> list[str]:
-    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
-    return [b for b in blocks if must_contain in b]
-
-
-def example_inputs(folder) -> None:
-    """The files the README's image-input examples read."""
-    make_image(128, 128).save(folder / "in.png")
-    make_image(128, 128, seed=1).save(folder / "photo.png")
-    make_mask(128, 128).save(folder / "mask.png")
-
-
 def test_readme_curl_commands_work_as_written(sdxl_server, tmp_path):
     blocks = readme_blocks("bash", "curl -s localhost:8080")
     example_inputs(tmp_path)
     assert len(blocks) >= 3
     for block in blocks:
-        command = block.replace("localhost:8080", sdxl_server.url.removeprefix("http://"))
-        run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=180)
+        run = run_block("bash", block, sdxl_server, tmp_path)
         assert run.returncode == 0, f"{block}\n{run.stderr}"
     pngs = sorted(tmp_path.glob("*.png"))
     assert pngs and all(png_array(p.read_bytes()).ndim == 3 for p in pngs)
@@ -215,8 +197,5 @@ def test_readme_python_examples_work_as_written(sdxl_server, tmp_path):
     assert any("OpenAI(" in b for b in blocks) and any("tritonclient" in b for b in blocks)
     example_inputs(tmp_path)
     for block in blocks:
-        script = tmp_path / "example.py"
-        script.write_text(block.replace("localhost:8080", sdxl_server.url.removeprefix("http://"))
-                          .replace("localhost:8081", sdxl_server.grpc_target))
-        run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        run = run_block("python", block, sdxl_server, tmp_path)
         assert run.returncode == 0, f"{block}\n{run.stderr}"

@@ -134,8 +134,8 @@ def test_schedulers_that_need_more_steps_say_so():
 
 
 def test_fields_of_other_model_families_are_refused():
-    for name, value, who in [("prompt_2", "y", "SDXL and SD3"), ("original_size", [512, 512], "SDXL"),
-                             ("negative_prompt_2", "z", "SDXL and SD3"), ("prompt_3", "t5", "SD3")]:
+    for name, value, who in [("prompt_2", "y", "SDXL, SD3 and FLUX.1"), ("original_size", [512, 512], "SDXL"),
+                             ("negative_prompt_2", "z", "SDXL, SD3 and FLUX.1"), ("prompt_3", "t5", "SD3")]:
         with pytest.raises(InvalidInput, match=f"{name}: only {who} models accept this field"):
             parse({"prompt": "x", name: value}, SD)
     with pytest.raises(InvalidInput, match="crops_coords_top_left: only SDXL models accept this field; the loaded model is a StableDiffusion3Pipeline"):

@@ -1,6 +1,7 @@
 """The server as an operator sees it: start-up, health under load, back-pressure, metrics."""
 
 import concurrent.futures
+import json
 import re
 import subprocess
 import sys
@@ -98,16 +99,17 @@ def test_sd_folder_at_the_root_serves_with_its_own_defaults(models, start_server
     params = r.json()["predictions"][0]["parameters"]
     assert params["width"] == 256 and params["guidance_scale"] == 7.5 and params["refiner"] == "none"
     r = server.predict({"instances": [{"prompt": "a hill", "prompt_2": "also"}]})
-    assert r.status_code == 400 and "prompt_2: only SDXL and SD3 models accept this field" in r.json()["error"]
+    assert r.status_code == 400 and "prompt_2: only SDXL, SD3 and FLUX.1 models accept this field" in r.json()["error"]
 
 
 @pytest.mark.slow
-def test_tiny_model_command_writes_a_servable_folder(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "sdserve", "tiny-model", str(tmp_path / "m"), "--kind", "sdxl"],
+@pytest.mark.parametrize("kind, pipeline", [("sdxl", "StableDiffusionXLPipeline"), ("flux", "FluxPipeline")])
+def test_tiny_model_command_writes_a_servable_folder(tmp_path, kind, pipeline):
+    run = subprocess.run([sys.executable, "-m", "sdserve", "tiny-model", str(tmp_path / "m"), "--kind", kind],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     tokenizer = tmp_path / "m" / "tokenizer"
-    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == pipeline
     assert (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").read_text().startswith("#version")
 
 

@@ -59,6 +59,7 @@ class Denoise:
                 output = cached(phase, latents, t, cond, row_images, lambda rows: self.adapter_scope(phase, rows))
             else:
                 output = phase.call(latents, t, cond)
+        skipped = self._skip_layer_rows(phase, images, latents, t, cond)
 
         cached = sum(im.rows for im in images if im.cache is not None and im.cache.ran and im.cache.ran[-1] == "cached")
         _FULL_ROWS.inc(size - cached)
@@ -70,7 +71,9 @@ class Denoise:
             s = image.schedule
             if image.guided:  # the pipeline's guidance formula, with this image's scale
                 uncond, text = output[row : row + 1], output[row + 1 : row + 2]
-                noise = uncond + image.job.request.guidance_scale * (text - uncond)
+                noise = uncond + phase.cfg_scale(image.job.request) * (text - uncond)
+                if id(image) in skipped:  # skip-layer guidance: away from the text row without some layers
+                    noise = noise + (text - skipped[id(image)]) * image.job.request.skip_layer_guidance_scale
             else:
                 noise = output[row : row + 1]
                 if image.schedule.rows.uncond is not None:  # outside its guidance interval: one row saved
@@ -91,6 +94,27 @@ class Denoise:
             image.steps_done += 1
             keep_unmasked(image)
         return failures
+
+    def _skip_layer_rows(self, phase: Phase, images: list[ImageState], latents: torch.Tensor, t: torch.Tensor,
+                         cond: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """SD3's skip-layer guidance: the text rows of the images inside their window, run again
+        without their layers (the pipeline's second transformer call), one call per set of layers."""
+        by_layers: dict[tuple[int, ...], list[tuple[ImageState, int]]] = {}
+        row = 0
+        for image in images:
+            layers = phase.skip_layers(image) if image.guided else None
+            if layers:
+                by_layers.setdefault(layers, []).append((image, row + 1))  # rows: uncond, text
+            row += image.rows
+        out = {}
+        for layers, members in by_layers.items():
+            index = torch.tensor([r for _, r in members], device=latents.device)
+            with self.adapter_scope(phase, [image for image, _ in members]):
+                predicted = phase.call(latents.index_select(0, index), t.index_select(0, index),
+                                       {k: v.index_select(0, index) for k, v in cond.items()}, skip_layers=layers)
+            _FULL_ROWS.inc(len(members))
+            out.update({id(image): predicted[k : k + 1] for k, (image, _) in enumerate(members)})
+        return out
 
     def _cond(self, images: list[ImageState], size: int) -> dict[str, torch.Tensor]:
         key = images[0].group_key()

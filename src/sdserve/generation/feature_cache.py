@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import metrics
-from .partial_forward import last_up_block_input, sd3_first_block, unet_shallow
+from .partial_forward import last_up_block_input, unet_shallow
 from .state import ImageState
 
 Scope = Callable[[list[ImageState]], Any]  # the LoRA adapters of these rows' images, for a sub-call
@@ -113,7 +113,7 @@ def deep_call(phase, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, tor
 
 def first_block_call(phase, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
                      row_images: list[ImageState], scope: Scope) -> torch.Tensor:
-    """One SD3 transformer step with First Block Cache per image (see the module doc)."""
+    """One transformer step (SD3, FLUX) with First Block Cache per image (see the module doc)."""
     images = list({id(im): im for im in row_images}.values())
     rows_of = {id(im): [r for r, other in enumerate(row_images) if other is im] for im in images}
     decisions: dict[int, str] = {}
@@ -141,8 +141,8 @@ def first_block_call(phase, latents: torch.Tensor, t: torch.Tensor, cond: dict[s
         slot = {r: rows_of[id(row_images[r])].index(r) for r in rows}
         return torch.cat([row_images[r].cache.tail[slot[r]].unsqueeze(0) for r in rows])
 
-    output = sd3_first_block(phase.denoiser, latents, t, decide=decide, store=store, reuse=reuse,
-                             scope=lambda rows: scope([row_images[r] for r in rows]), **phase.denoiser_kwargs(cond))
+    output = phase.first_block(latents, t, cond, decide=decide, store=store, reuse=reuse,
+                               scope=lambda rows: scope([row_images[r] for r in rows]))
     for image in images:
         _log(image, decisions[id(image)])
     return output

@@ -40,8 +40,7 @@ def encode_start(phase: "Phase", request: GenerationRequest, dtype: torch.dtype)
     if request.mask is None:
         return EncodedStart(phase.encode_pixels(pixels, dtype))
     mask = phase.masks.preprocess(request.mask, height=height, width=width)
-    scale = phase.pipe.vae_scale_factor
-    latent_mask = torch.nn.functional.interpolate(mask, size=(height // scale, width // scale))
+    latent_mask = phase.latent_mask(mask)
     # A 4-channel denoiser never reads the masked image: its sample is only drawn, not encoded.
     masked = phase.encode_pixels(pixels * (mask < 0.5), dtype) if phase.mask_channels else None
     return EncodedStart(phase.encode_pixels(pixels, dtype), latent_mask.to(phase.device, dtype), masked)
@@ -59,7 +58,7 @@ def begin_from_image(phase: "Phase", image: ImageState, start: EncodedStart, dty
     inpaint = request.mask is not None
     from_noise = inpaint and request.strength == 1.0  # inpainting at full strength starts from noise
     image_latents = None
-    if not (from_noise and phase.mask_channels):
+    if not (from_noise and phase.mask_channels and phase.skips_start_at_full_strength):
         image_latents = phase.scale_latents(start.image.sample(generator).to(dtype))
     noise = phase.noise(image, dtype)
     if from_noise:

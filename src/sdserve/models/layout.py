@@ -24,9 +24,11 @@ TEXT_TO_IMAGE_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionPipeline": "sd",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
-# Inpainting models: a UNet with extra input channels for the mask and the masked image.
-INPAINT_PIPELINES = {"StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl"}
+# Inpainting models: a denoiser with extra input channels for the mask and the masked image.
+INPAINT_PIPELINES = {"StableDiffusionInpaintPipeline": "sd", "StableDiffusionXLInpaintPipeline": "sdxl",
+                     "FluxFillPipeline": "flux"}
 REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"  # also served alone, as an image-to-image model
 SERVED_PIPELINES = {**TEXT_TO_IMAGE_PIPELINES, **INPAINT_PIPELINES, REFINER_PIPELINE: "sdxl"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")

@@ -17,6 +17,7 @@ import torch
 
 from .capabilities import ModelCapabilities
 from .layout import (
+    INPAINT_PIPELINES,
     REFINER_PIPELINE,
     SERVED_PIPELINES,
     ModelLayout,
@@ -133,6 +134,9 @@ def load(
         extra = {"safety_checker": None, "requires_safety_checker": False}
     if family == "sd3" and options.drop_t5:
         extra = {"text_encoder_3": None, "tokenizer_3": None}
+    if family == "flux" and options.drop_t5:
+        raise ModelStoreError("--drop_t5: FLUX reads its prompt through T5 (text_encoder_2) and cannot go without it; "
+                              "to save memory load the model in bfloat16 (--dtype bfloat16: T5-XXL takes 9.5 GB)")
     log.info("loading %s from %s (%s, %s)", class_name, layout.base, device, dtype)
     base = _place(_load_pipeline(cls, layout.base, base_index, dtype, layout.config, **extra), device, options)
 
@@ -160,19 +164,27 @@ def load(
         )
 
     defaults = inspect.signature(cls.__call__).parameters
-    denoiser = base.transformer if family == "sd3" else base.unet
-    size = denoiser.config.sample_size * base.vae_scale_factor
+    denoiser = base.transformer if hasattr(base, "transformer") else base.unet
+    # FLUX's transformer has no sample size: its pipeline's default_sample_size (128 latents: 1024 px)
+    size = (base.default_sample_size if family == "flux" else denoiser.config.sample_size) * base.vae_scale_factor
+    steps, guidance = defaults["num_inference_steps"].default, float(defaults["guidance_scale"].default)
+    embedded = bool(getattr(denoiser.config, "guidance_embeds", False))
+    if family == "flux" and not embedded:  # FLUX.1 [schnell]'s card: 4 steps, no guidance (FluxPipeline: 28, 3.5)
+        steps, guidance = 4, 0.0
     capabilities = ModelCapabilities(
         pipeline_class=class_name,
         default_width=size,
         default_height=size,
-        default_steps=default_steps or defaults["num_inference_steps"].default,
-        default_guidance_scale=float(defaults["guidance_scale"].default),
+        default_steps=default_steps or steps,
+        default_guidance_scale=guidance,
         family=family,
         has_refiner=refiner is not None,
         scheduler_class=type(base.scheduler).__name__,
         has_t5=getattr(base, "text_encoder_3", None) is not None,
-        needs_mask=family != "sd3" and denoiser.config.in_channels != base.vae.config.latent_channels,
+        needs_mask=class_name in INPAINT_PIPELINES,
+        size_multiple=16 if family == "flux" else 8,  # FLUX packs 2x2 latents: 16 pixels a side
+        guidance_embedded=embedded,
+        transformer_layers=denoiser.config.num_layers if family == "sd3" else 0,
         needs_image=class_name == REFINER_PIPELINE,
         num_train_timesteps=base.scheduler.config.get("num_train_timesteps", 1000),
     )

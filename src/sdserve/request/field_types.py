@@ -123,6 +123,20 @@ def timestep_list(total: int, most: int) -> Any:
                      AfterValidator(descending), expect] | None
 
 
+def layer_list(count: int) -> Any:
+    """Distinct block indexes of a ``count``-block transformer, ascending."""
+    def distinct(value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise refuse(f"must not repeat a layer, got {list(value)!r:.200}")
+        return tuple(sorted(value))
+
+    last = max(count - 1, 0)
+    layer = Annotated[int, Field(ge=0, le=last)]
+    expect = Expect(f"a list of 1 to {last + 1} distinct layer indexes from 0 to {last}")
+    return Annotated[tuple[layer, ...], Field(min_length=1, max_length=last + 1), BeforeValidator(number_list),
+                     AfterValidator(distinct), expect] | None
+
+
 def choice(choices: Mapping[str, str]) -> Any:
     """A case-insensitive name, returned as ``choices`` maps it."""
     def lower(value: Any) -> Any:

@@ -13,17 +13,24 @@ from kserve.errors import InvalidInput
 FIELDS: dict[str, str] = {
     "prompt": "text to generate from (required)",
     "negative_prompt": "what to keep out of the image",
-    "prompt_2": "SDXL/SD3: prompt for the second text encoder (default: prompt)",
-    "negative_prompt_2": "SDXL/SD3: negative prompt for the second text encoder",
+    "prompt_2": "SDXL/SD3/FLUX: prompt for the second text encoder (FLUX: T5; default: prompt)",
+    "negative_prompt_2": "SDXL/SD3/FLUX: negative prompt for the second text encoder",
     "prompt_3": "SD3: prompt for the T5 encoder (default: prompt)",
     "negative_prompt_3": "SD3: negative prompt for the T5 encoder",
+    "skip_guidance_layers": "SD3/SD3.5: skip-layer guidance (diffusers' SLG): the text row again without these "
+                            "transformer layers, e.g. [7, 8, 9] for SD3.5 Medium; text-to-image with guidance",
+    "skip_layer_guidance_scale": "SD3/SD3.5: the scale of skip-layer guidance (default 2.8)",
+    "skip_layer_guidance_start": "SD3/SD3.5: skip-layer guidance from this fraction of the steps (default 0.01)",
+    "skip_layer_guidance_stop": "SD3/SD3.5: skip-layer guidance until this fraction of the steps (default 0.2)",
     "prompt_syntax": "how prompts are read: plain (as diffusers reads them, 77 tokens), compel (weights like "
                      "(red hat)1.3, long prompts) or a1111 (AUTOMATIC1111's: (red hat:1.3), [blurry], BREAK); "
                      "absent: the server's --prompt_syntax",
     "width": "image width in pixels (default: the start image's, else the model's)",
     "height": "image height in pixels (default: the start image's, else the model's)",
     "num_inference_steps": "denoising steps",
-    "guidance_scale": "classifier-free guidance scale",
+    "guidance_scale": "classifier-free guidance scale (FLUX.1 [dev]: the guidance it embeds)",
+    "true_cfg_scale": "FLUX: classifier-free guidance with negative_prompt (diffusers' true CFG; two rows per step) "
+                      "when above 1; guidance_scale is FLUX.1 [dev]'s embedded guidance",
     "seed": "random seed (-1 or absent: random); image i uses seed + i",
     "num_images": "images to generate for this prompt",
     "scheduler": "sampler: any case, '_'/'-' for spaces, or a diffusers class name (absent: the model's own)",
@@ -43,8 +50,8 @@ FIELDS: dict[str, str] = {
     "quality": "jpeg/webp quality",
     "guidance_interval": "[lo, hi]: classifier-free guidance only between these fractions of the schedule, one "
                          "denoiser row instead of two outside ([0, f]: diffusers' dynamic CFG); absent: the server's",
-    "cache": "reuse deep features between steps: none, deep (UNet models: DeepCache) or first_block (SD3: First "
-             "Block Cache); absent: the server's --cache",
+    "cache": "reuse deep features between steps: none, deep (UNet models: DeepCache) or first_block (SD3, "
+             "FLUX.1: First Block Cache); absent: the server's --cache",
     "cache_interval": "cache deep: the deep blocks run every this many steps",
     "cache_threshold": "cache first_block: skip the other blocks while the first block's output changed by less "
                        "than this (relative)",
@@ -69,9 +76,14 @@ ALIASES: dict[str, str] = {
 MAX_LORAS = 8
 # Fields only some model families read; the others would silently ignore them, so they are refused.
 FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
-    "prompt_2": ("sdxl", "sd3"),
-    "negative_prompt_2": ("sdxl", "sd3"),
+    "prompt_2": ("sdxl", "sd3", "flux"),
+    "negative_prompt_2": ("sdxl", "sd3", "flux"),
+    "true_cfg_scale": ("flux",),
     "prompt_3": ("sd3",),
+    "skip_guidance_layers": ("sd3",),
+    "skip_layer_guidance_scale": ("sd3",),
+    "skip_layer_guidance_start": ("sd3",),
+    "skip_layer_guidance_stop": ("sd3",),
     "negative_prompt_3": ("sd3",),
     "original_size": ("sdxl",),
     "crops_coords_top_left": ("sdxl",),
@@ -85,10 +97,18 @@ FAMILY_FIELDS: dict[str, tuple[str, ...]] = {
 }
 # Why a family refuses a field, where it helps to know.
 FAMILY_NOTES = {
-    "prompt_syntax": " (SD3 reads long prompts through its T5 encoder: up to 256 tokens of prompt_3, or of "
-                     "prompt when prompt_3 is absent; its CLIP encoders read 77; weights are for SD 1.x/2.x and SDXL)",
+    "prompt_syntax": " (SD3 and FLUX.1 read long prompts through their T5 encoder: up to 256 tokens of SD3's "
+                     "prompt_3 and 512 of FLUX's prompt_2, or of prompt when those are absent; their CLIP encoders "
+                     "read 77; weights are for SD 1.x/2.x and SDXL)",
 }
 LORA_SCALE = 2.0  # scales from -2 to 2
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
+
+
+def family_names(families: tuple[str, ...]) -> str:
+    """``("sdxl", "sd3", "flux")`` as "SDXL, SD3 and FLUX.1"."""
+    names = [FAMILY_NAMES[f] for f in families]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 class AdapterCatalog(Protocol):

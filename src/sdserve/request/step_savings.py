@@ -20,7 +20,8 @@ from typing import Any
 from kserve.errors import InvalidInput
 
 CACHES = ("none", "deep", "first_block")
-CACHE_FAMILIES = {"deep": ("sd", "sdxl"), "first_block": ("sd3",)}  # UNet models; transformer models
+CACHE_FAMILIES = {"deep": ("sd", "sdxl"), "first_block": ("sd3", "flux")}  # UNet models; transformer models
+CACHE_MODELS = {"deep": "UNet models (SD 1.x/2.x, SDXL)", "first_block": "transformer models (SD3, SD3.5, FLUX.1)"}
 FULL_SCHEDULE = (0.0, 1.0)
 
 
@@ -65,9 +66,8 @@ def resolve(v: Any, family: str, defaults: SavingsDefaults) -> dict[str, Any]:
     if cache != "none" and family not in CACHE_FAMILIES[cache]:
         if v.has("cache"):
             other = next((c for c, families in CACHE_FAMILIES.items() if family in families), None)
-            raise InvalidInput(f"{v.label('cache')}: {cache} is for "
-                               f"{'UNet models (SD 1.x/2.x, SDXL)' if cache == 'deep' else 'transformer models (SD3)'}"
-                               f"; this model takes cache {other or 'none'}")
+            raise InvalidInput(f"{v.label('cache')}: {cache} is for {CACHE_MODELS[cache]}; "
+                               f"this model takes cache {other or 'none'}")
         cache = "none"  # the server's default is for the other kind of model
     for name, mode in (("cache_interval", "deep"), ("cache_threshold", "first_block")):
         if v.has(name) and cache != mode:

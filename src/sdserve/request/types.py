@@ -55,7 +55,13 @@ class GenerationRequest:
     negative_prompt_2: str | None = None
     prompt_3: str | None = None
     negative_prompt_3: str | None = None
+    # SD3's skip-layer guidance: the text row again without these layers, between start and stop
+    skip_guidance_layers: tuple[int, ...] | None = None
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
     prompt_syntax: str = "plain"  # plain | compel | a1111 (prompt_syntax.py)
+    true_cfg_scale: float = 1.0  # FLUX: classifier-free guidance with the negative prompt above 1
     num_images: int = 1
     scheduler: str | None = None  # canonical name from schedulers.SCHEDULERS; None: the model's own
     # Sampler settings; None: the model's own (eta: the pipelines' 0.0, where the sampler takes it).
@@ -106,11 +112,17 @@ class GenerationRequest:
         out["loras"] = [{"name": name, "scale": scale} for name, scale in self.loras] or None
         if self.image is not None:  # the image itself is the client's; say what was done with it
             out["mode"] = "inpaint" if self.mask is not None else "img2img"
+        if self.true_cfg_scale == 1.0:  # FLUX's, off: out, as other families refuse the field
+            out.pop("true_cfg_scale")
+        if self.skip_guidance_layers is None:
+            for name in ("skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop"):
+                out.pop(name)
         if self.cache != "deep":  # the settings of a cache the request does not use stay out
             out.pop("cache_interval")
         if self.cache != "first_block":
             out.pop("cache_threshold")
-        for name in ("original_size", "crops_coords_top_left", "target_size", "timesteps", "guidance_interval"):
+        for name in ("original_size", "crops_coords_top_left", "target_size", "timesteps", "guidance_interval",
+                     "skip_guidance_layers"):
             if out[name] is not None:
                 out[name] = list(out[name])
         return {k: v for k, v in out.items() if v is not None}

@@ -24,7 +24,8 @@ from ..models.schedulers import (
     samplers_taking,
 )
 from . import image_input, step_savings
-from .fields import FAMILY_FIELDS, FAMILY_NOTES, AdapterCatalog, field_keys
+from .family_rules import resolve_family_fields
+from .fields import FAMILY_FIELDS, FAMILY_NOTES, AdapterCatalog, family_names, field_keys
 from .parameter_errors import validate
 from .parameters import default_size, inline_definitions, parameters_model
 from .prompt_syntax import CLIP_PROMPTS, PromptSettings, check_prompts
@@ -100,9 +101,8 @@ class RequestParser:
         lim, model = self.limits, self.model
         for name, families in FAMILY_FIELDS.items():
             if v.has(name) and model.family not in families and not (name == "prompt_syntax" and v.prompt_syntax == "plain"):
-                names = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
                 raise InvalidInput(
-                    f"{v.label(name)}: only {' and '.join(names[f] for f in families)} models accept this "
+                    f"{v.label(name)}: only {family_names(families)} models accept this "
                     f"field; the loaded model is a {model.pipeline_class}{FAMILY_NOTES.get(name, '')}"
                 )
         if model.family == "sd3" and not model.has_t5:
@@ -116,6 +116,7 @@ class RequestParser:
         if syntax != "plain":
             check_prompts({v.label(n): getattr(v, n) for n in CLIP_PROMPTS}, syntax, self.prompts.embeddings)
         savings = step_savings.resolve(v, model.family, self.savings)
+        family_fields = resolve_family_fields(v, model, savings["cache"])
         scheduler = v.scheduler
         takes = sampler_fields(scheduler, model.scheduler_class, model.scheduler_family)
         for name in SAMPLER_FIELDS:
@@ -183,6 +184,7 @@ class RequestParser:
             negative_prompt_2=v.negative_prompt_2,
             negative_prompt_3=v.negative_prompt_3,
             prompt_syntax=syntax,
+            **family_fields,
             **savings,
             width=width,
             height=height,
@@ -286,8 +288,9 @@ class RequestParser:
                 raise InvalidInput(f"{v.label('strength')}: applies to a start image; give image as well")
             return None
         strength = v.strength if v.has("strength") else 1.0 if mask is not None else 0.8
-        # the pipelines' get_timesteps: SD3's keeps the fraction where the others truncate first
-        left = steps - int(steps - steps * strength) if self.model.family == "sd3" else int(steps * strength)
+        # the pipelines' get_timesteps: SD3's and FLUX's keep the fraction where the others truncate first
+        flow = self.model.family in ("sd3", "flux")
+        left = steps - int(steps - steps * strength) if flow else int(steps * strength)
         if left < 1:
             raise InvalidInput(
                 f"{v.label('strength')}: {strength} of {steps} steps leaves no denoising step; raise strength "

@@ -8,6 +8,10 @@ weights are random, only the machinery is real.
     sdserve tiny-model DIR --kind sdxl           # DIR is one diffusers folder
     sdserve tiny-model DIR --kind sd             # an SD 2.x-style folder
     sdserve tiny-model DIR --kind sd3            # StableDiffusion3Pipeline with a tiny T5
+    sdserve tiny-model DIR --kind sd35           # the same with SD3.5's options (dual attention, qk norm)
+    sdserve tiny-model DIR --kind flux           # FluxPipeline with FLUX.1 [dev]'s embedded guidance
+    sdserve tiny-model DIR --kind flux-schnell   # FluxPipeline without guidance, as FLUX.1 [schnell]
+    sdserve tiny-model DIR --kind flux-fill      # FluxFillPipeline: inpainting as FLUX.1 Fill [dev]
     sdserve tiny-model DIR --kind sd-single-file # DIR/model.safetensors (original layout) + DIR/config/
     sdserve tiny-model DIR --loras trex,pixel    # also DIR/loras/<name>/pytorch_lora_weights.safetensors
 """
@@ -18,13 +22,16 @@ from pathlib import Path
 
 import torch
 
+from .mmdit import build_flux, build_sd3
 from .original_layout import write_single_file
-from .tokenizers import clip_tokenizer, save_pipeline, t5_tokenizer, write_clip_tokenizer_files
+from .text_config import text_config as _text_config
+from .tokenizers import clip_tokenizer, save_pipeline, write_clip_tokenizer_files
 
-__all__ = ["KINDS", "build_sd", "build_sd3", "build_sdxl", "clip_tokenizer", "save_pipeline", "write_clip_tokenizer_files",
-           "write_lora", "write_single_file", "write_tiny_model", "ATTENTION"]
+__all__ = ["KINDS", "build_flux", "build_sd", "build_sd3", "build_sdxl", "clip_tokenizer", "save_pipeline",
+           "write_clip_tokenizer_files", "write_lora", "write_single_file", "write_tiny_model", "ATTENTION"]
 
-KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd-single-file", "sd-inpaint", "sdxl-inpaint", "refiner-only")
+KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd35", "flux", "flux-schnell", "flux-fill", "sd-single-file",
+         "sd-inpaint", "sdxl-inpaint", "refiner-only")
 
 _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "beta_start": 0.00085,
@@ -34,24 +41,6 @@ _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "timestep_spacing": "leading",
     "num_train_timesteps": 1000,
 }
-
-
-def _text_config(tokenizer, projection: bool):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32 if projection else 512,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_act="gelu",
-    )
 
 
 def _vae():
@@ -161,44 +150,6 @@ def build_sd(scratch: Path, seed: int = 0, inpaint: bool = False):
     )
 
 
-def build_sd3(scratch: Path, seed: int = 0):
-    """A tiny StableDiffusion3Pipeline: MMDiT transformer, two CLIP encoders and a T5 encoder."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    tokenizer = clip_tokenizer(scratch / "tok1", "<|endoftext|>")
-    tokenizer_2 = clip_tokenizer(scratch / "tok2", "!")
-    tokenizer_3 = t5_tokenizer()
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_layers=2,
-                                 num_heads=4, pad_token_id=0, eos_token_id=1))
-    return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
-            num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
-            pooled_projection_dim=64, out_channels=16, pos_embed_max_size=96,
-        ),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(
-            block_out_channels=[8, 8, 16, 16], layers_per_block=1, in_channels=3, out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-            latent_channels=16, norm_num_groups=8, sample_size=256, use_quant_conv=False,
-            use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-        ),
-        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer, projection=True)),
-        tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, projection=True)),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=t5,
-        tokenizer_3=tokenizer_3,
-    )
-
-
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # what diffusers' DreamBooth LoRA scripts target
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -255,8 +206,11 @@ def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0
         elif kind in ("sd", "sd-single-file"):
             base = build_sd(Path(scratch), seed)
             write_single_file(base, dest) if kind == "sd-single-file" else save_pipeline(base, dest)
-        elif kind == "sd3":
-            base = build_sd3(Path(scratch), seed)
+        elif kind in ("sd3", "sd35"):
+            base = build_sd3(Path(scratch), seed, sd35=kind == "sd35")
+            save_pipeline(base, dest)
+        elif kind in ("flux", "flux-schnell", "flux-fill"):
+            base = build_flux(Path(scratch), seed, guidance=kind != "flux-schnell", fill=kind == "flux-fill")
             save_pipeline(base, dest)
         elif kind == "sdxl":
             base, _ = build_sdxl(Path(scratch), seed=seed)

@@ -91,15 +91,15 @@ def t5_tokenizer():
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(f"\u2581{w}", -1.0) for w in words]
     pieces += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)] + [(str(d), -5.0) for d in range(10)]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)  # as the SD3 and FLUX repos'
 
 
 def save_pipeline(pipeline, dest: Path) -> None:
     """save_pretrained, with tokenizers stored as vocab.json + merges.txt as in the SDXL repos
     (so loading goes through the same files a real model has)."""
     pipeline.save_pretrained(dest, safe_serialization=True)
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2"):  # CLIP's (FLUX's tokenizer_2 is T5's: kept as saved)
         folder = dest / name
-        if folder.is_dir():
+        if folder.is_dir() and type(getattr(pipeline, name)).__name__.startswith("CLIP"):
             (folder / "tokenizer.json").unlink(missing_ok=True)
             write_clip_tokenizer_files(folder)

@@ -61,6 +61,9 @@ class Phase:
         self.latent_channels = pipeline.vae.config.latent_channels
         # An inpainting denoiser also reads the mask (1 channel) and the masked image's latents.
         self.mask_channels = self.denoiser.config.in_channels != self.latent_channels
+        # At strength 1 the inpainting pipelines start from noise without sampling the start image
+        # (so its draw from the generator is skipped); FLUX Fill samples it all the same.
+        self.skips_start_at_full_strength = True
         self.masks = mask_processor(self)
         self.vocabulary: PromptVocabulary | None = None  # weighted prompts' tokenizers (set by the backend)
         self._weighted: WeightedPrompts | None = None
@@ -76,6 +79,10 @@ class Phase:
         """Classifier-free guidance: two rows per step. Guidance-distilled UNets (a time-condition
         projection, as LCM's) take the scale as an input instead, as the pipelines do."""
         return request.guidance_scale > 1 and self.time_cond_dim is None
+
+    def cfg_scale(self, request: GenerationRequest) -> float:
+        """The classifier-free guidance scale of the two rows' formula."""
+        return request.guidance_scale
 
     def encode(self, requests: list[GenerationRequest], guided: bool) -> list[Rows]:
         """Conditioning rows per request, in one text-encoder batch. The requests agree on
@@ -141,6 +148,11 @@ class Phase:
         """The VAE's latent distribution of preprocessed pixels (-1..1)."""
         return self.pipe.vae.encode(pixels.to(self.device, dtype)).latent_dist
 
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A preprocessed pixel mask at latent size (1 = repaint), as the inpaint pipelines resize it."""
+        scale = self.pipe.vae_scale_factor
+        return torch.nn.functional.interpolate(mask, size=(mask.shape[-2] // scale, mask.shape[-1] // scale))
+
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """A VAE sample in the denoiser's latent space."""
         return self.pipe.vae.config.scaling_factor * latents
@@ -150,6 +162,11 @@ class Phase:
         scale = self.pipe.vae_scale_factor
         shape = (1, self.latent_channels, request.height // scale, request.width // scale)
         return randn_tensor(shape, generator=image.generator, device=self.device, dtype=dtype)
+
+    def skip_layers(self, image: ImageState) -> tuple[int, ...] | None:
+        """The layers a guided image's extra text row skips at its current step (SD3's skip-layer
+        guidance), or None: no extra row."""
+        return None
 
     # -- per denoiser call -------------------------------------------------------------------
     def scale(self, schedule: Schedule, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,13 @@ and an optional T5 (``--drop_t5``: its embeddings are zeros, as diffusers does w
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ...request.types import GenerationRequest
+from ..partial_forward import sd3_first_block
 from ..state import ImageState, Rows, Schedule
 from .common import Phase, negatives
 
@@ -72,9 +75,25 @@ class StableDiffusion3Phase(Phase):
     def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "pooled_projections": cond["pooled_projections"]}
 
-    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def skip_layers(self, image: ImageState) -> tuple[int, ...] | None:
+        """StableDiffusion3Pipeline's window: steps i with start * n < i < stop * n."""
+        request = image.job.request
+        n = request.num_inference_steps
+        if request.skip_guidance_layers is None:
+            return None
+        inside = n * request.skip_layer_guidance_start < image.step < n * request.skip_layer_guidance_stop
+        return request.skip_guidance_layers if inside else None
+
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+             skip_layers: tuple[int, ...] | None = None) -> torch.Tensor:
+        extra = {"skip_layers": list(skip_layers)} if skip_layers else {}
         return self.denoiser(hidden_states=latents, timestep=t, **self.denoiser_kwargs(cond),
-                             joint_attention_kwargs=None, return_dict=False)[0]
+                             joint_attention_kwargs=None, return_dict=False, **extra)[0]
+
+    def first_block(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                    **hooks: Any) -> torch.Tensor:
+        """``call`` with First Block Cache per row (``feature_cache.first_block_call``'s hooks)."""
+        return sd3_first_block(self.denoiser, latents, t, **self.denoiser_kwargs(cond), **hooks)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
