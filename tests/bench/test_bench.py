@@ -84,3 +84,26 @@ def test_step_savings_bench_runs_on_cpu(tmp_path):
     saved = report["rows_saved"]
     assert saved["cache deep, interval 3 ÷ plain, end to end"]["cache"] == 8  # 4 of 6 steps, two rows each
     assert result.with_suffix(".md").read_text().startswith("# sdserve fewer denoiser FLOPs")
+
+
+def test_full_size_flux_has_flux_parameter_counts():
+    sys.path.insert(0, str(BENCH))
+    import full_size_flux
+
+    schnell, dev = full_size_flux.parameters(), full_size_flux.parameters(dev=True)
+    assert round(dev["transformer"] / 1e6) == 11901 and round(dev["text_encoder_2"] / 1e6) == 4762
+    assert 0 < dev["transformer"] - schnell["transformer"] < 4e6  # the guidance embedding
+    pipe = full_size_flux.build("meta")  # the pipeline the bench writes, shapes only
+    assert type(pipe).__name__ == "FluxPipeline" and not pipe.transformer.config.guidance_embeds
+
+
+def test_flux_bench_runs_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "flux.py"), "--device", "cpu", "--runs", "1", "--steps", "3",
+                          "--size", "64", "--results", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("flux-cpu-*.json")
+    report = json.loads(result.read_text())
+    bare, mixed = report["results"].values()
+    assert bare["http_s"] > 0 and bare["bare_s"] > 0 and mixed["mixed_steps_per_s"] > 0
+    assert mixed["mixed_steps"] == [1, 2, 3, 4, 5, 1, 2, 3]
+    assert result.with_suffix(".md").read_text().startswith("# sdserve FLUX.1 benchmark")
