@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.browser import browser_page
 from helpers.servers import Server
 from sdserve.tiny import write_tiny_model
 
@@ -78,3 +79,9 @@ def sdxl_server(models, session_servers) -> Server:
     """Tiny SDXL base + refiner (base/ + refiner/ layout), batching compatible requests; shared by
     every module."""
     return session_servers.start("--model_dir", str(models["sdxl-refiner"]), "--max_batch_wait_ms", "100")
+
+
+@pytest.fixture(scope="module")
+def page():
+    """A page of a headless Chromium, for the module's playground tests (skipped without Chromium)."""
+    yield from browser_page()

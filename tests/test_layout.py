@@ -11,7 +11,7 @@ from helpers.paths import REPO
 
 SRC = REPO / "src"
 # Each part may import only the parts before it (errors and metrics: everyone's vocabulary).
-ORDER = ["errors", "metrics", "tiny", "models", "request", "adapters", "generation", "protocol", "server",
+ORDER = ["errors", "metrics", "tiny", "models", "request", "adapters", "controls", "generation", "protocol", "server",
          "training", "cli", "__main__"]
 MAX_LINES = 300
 

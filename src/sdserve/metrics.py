@@ -53,3 +53,12 @@ LORA_EVICTIONS = Counter("sdserve_lora_evictions", "LoRA adapters unloaded to st
 LORA_RESIDENT = Gauge("sdserve_lora_resident", "LoRA adapters loaded into the model now")
 ADAPTER_SETS_PER_CALL = Histogram("sdserve_adapter_sets_per_call", "Different LoRA adapter sets (none counts as one) "
                                   "among the images of one denoiser call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+CONTROL_CALLS = Counter("sdserve_control_calls", "Control model calls: ControlNet calls (one per model per "
+                        "denoiser call, for every row using it); T2I-Adapter and IP-Adapter image encodings (one "
+                        "per request)",
+                        ["kind"])  # controlnet | t2i-adapter | ip-adapter
+CONTROL_ROWS = Counter("sdserve_control_rows", "Denoiser rows that took a control model's residuals, features or "
+                       "image embeddings", ["kind"])
+CONTROL_LISTINGS = Counter("sdserve_control_store_listings", "Listings of --control_dir (start-up, and a request "
+                           "naming a control model not yet known)", ["result"])  # ok | error
+CONTROL_LOADS = Counter("sdserve_control_loads", "Control models loaded on first use", ["result"])  # ok | error

@@ -107,3 +107,17 @@ def test_flux_bench_runs_on_cpu(tmp_path):
     assert bare["http_s"] > 0 and bare["bare_s"] > 0 and mixed["mixed_steps_per_s"] > 0
     assert mixed["mixed_steps"] == [1, 2, 3, 4, 5, 1, 2, 3]
     assert result.with_suffix(".md").read_text().startswith("# sdserve FLUX.1 benchmark")
+
+
+def test_controls_bench_runs_on_cpu(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH / "controls.py"), "--device", "cpu", "--runs", "1", "--calls", "2",
+                          "--steps", "3", "--size", "64", "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = tmp_path.glob("controls-cpu-*.json")
+    report = json.loads(result.read_text())
+    mixed = report["concurrent_requests"]
+    # half the images with a ControlNet cost at most about that ControlNet's own calls (one noisy round: margin)
+    assert mixed["mixed_ratio_to_plain_plus_controlnet"] > 0.6, mixed
+    assert set(report["step_by_rows"]) == {"2", "8", "16"}
+    assert result.with_suffix(".md").read_text().startswith("# sdserve ControlNets")

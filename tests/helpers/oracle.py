@@ -38,12 +38,13 @@ def assert_matches(ours: list[np.ndarray], reference: list[np.ndarray]) -> None:
 
 
 @torch.inference_mode()  # as the engine's worker loaded the adapters
-def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=None) -> list[np.ndarray]:
+def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=None, controls=None) -> list[np.ndarray]:
     """``request``'s images from the pipelines' own __call__ (one call for all its images), with
-    its LoRA adapters set as diffusers users set them (``set_adapters`` with the same scales)."""
+    its LoRA adapters set as diffusers users set them (``set_adapters`` with the same scales) and
+    its control models (from the ``controls`` catalog) in diffusers' control pipelines."""
     resident = adapters.resident if adapters is not None else None
     if resident is None or not resident.loaded and not request.loras:
-        return _diffusers_images(model, request)
+        return _diffusers_images(model, request, controls)
     resident.ensure({name for name, _ in request.loras}, set())  # loaded (again, if the engine unloaded it)
     base = model.base
     if request.loras:
@@ -52,13 +53,13 @@ def diffusers_images(model: LoadedModel, request: GenerationRequest, adapters=No
     else:
         base.disable_lora()
     try:
-        return _diffusers_images(model, request)
+        return _diffusers_images(model, request, controls)
     finally:
         resident.batched.refresh()  # the engine's own state again: the denoiser's peft layers off
 
 
 @torch.inference_mode()
-def _diffusers_images(model: LoadedModel, request: GenerationRequest) -> list[np.ndarray]:
+def _diffusers_images(model: LoadedModel, request: GenerationRequest, controls=None) -> list[np.ndarray]:
     seeds = request.seeds
     has_negative = request.negative_prompt is not None
     n = request.num_images
@@ -90,6 +91,10 @@ def _diffusers_images(model: LoadedModel, request: GenerationRequest) -> list[np
                       target_size=request.target_size)
     base = model.base
     size = {"height": request.height, "width": request.width}
+    if request.controls:
+        from helpers.control_oracle import control_images
+
+        return control_images(model, request, kwargs, size, controls, _scheduler)
     if request.image is not None:
         return _from_image(model, request, kwargs, size)
     if request.timesteps is not None:  # text-to-image on the base only (validation.py)
@@ -183,10 +188,11 @@ class LocalEngine:
     loads (and optimises) it as the server's does."""
 
     def __init__(self, path, max_batch_images: int = 8, adapters=None, faults=None, load_options=None,
-                 optimizations=None, embeddings_dir=None, **settings):
+                 optimizations=None, embeddings_dir=None, control_dir=None, **settings):
         from sdserve.generation import Engine, EngineSettings
 
         self.adapters = adapters
+        self.control_dir, self.controls = control_dir, None
         self.engine = Engine(EngineSettings(max_batch_images=max_batch_images, **settings))
         self.engine.start(lambda: self._prepare(path, faults, load_options, optimizations, embeddings_dir)).result()
 
@@ -208,11 +214,17 @@ class LocalEngine:
             if self.model.refiner is not None:
                 optimize.apply(self.model.refiner, optimizations, include_vae=False)
         self.vocabulary = load_embeddings(self.model.base, embeddings_dir)
+        loaded = None
+        if self.control_dir is not None:
+            from sdserve.controls import ControlCatalog, LoadedControls
+
+            self.controls = ControlCatalog(self.control_dir, self.model.base.unet, relist_seconds=0)
+            loaded = LoadedControls(self.controls, torch.device("cpu"), torch.float32, self.model.base.unet)
         self.parser = RequestParser(Limits(), self.model.capabilities, self.adapters,
-                                    PromptSettings(embeddings=self.vocabulary.names))
+                                    PromptSettings(embeddings=self.vocabulary.names), controls=self.controls)
         compiled = "none" if optimizations is None else optimizations.compile
         return ModelBackend(self.model, self.adapters, faults, pad_rows=compiled != "none", pad_decode=compiled == "all",
-                            vocabulary=self.vocabulary)
+                            vocabulary=self.vocabulary, controls=loaded)
 
     def parse(self, values: dict) -> GenerationRequest:
         return self.parser.parse(values)
@@ -227,7 +239,7 @@ class LocalEngine:
 
     def reference(self, values: dict) -> list[np.ndarray]:
         """The same request through diffusers' pipelines (called while the engine is idle)."""
-        return diffusers_images(self.model, self.parse(values), self.adapters)
+        return diffusers_images(self.model, self.parse(values), self.adapters, self.controls)
 
     def close(self) -> None:
         self.engine.stop(timeout=10)

@@ -116,7 +116,8 @@ def test_tritonclient_grpc(sdxl_server, tmp_path):
     run = subprocess.run([sys.executable, str(script), sdxl_server.grpc_target], capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out == {"id": "grpc-7", "size": [256, 256], "seed": [17], "ready": True, "inputs": ["prompt", "negative_prompt", "image", "mask"]}
+    assert out == {"id": "grpc-7", "size": [256, 256], "seed": [17], "ready": True,
+                   "inputs": ["prompt", "negative_prompt", "image", "mask", "control_image"]}
 
 
 def test_kserve_rest_client_v2(sdxl_server):

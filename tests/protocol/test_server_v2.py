@@ -93,7 +93,7 @@ def test_tritonclient_http_with_the_triton_tutorial_shapes(sdxl_server):
     Image.fromarray(np.squeeze(image))  # what the tutorial client does next
     assert client.is_model_ready("sdxl")
     metadata = client.get_model_metadata("sdxl")
-    assert [i["name"] for i in metadata["inputs"]] == ["prompt", "negative_prompt", "image", "mask"]
+    assert [i["name"] for i in metadata["inputs"]] == ["prompt", "negative_prompt", "image", "mask", "control_image"]
     assert [o["name"] for o in metadata["outputs"]] == ["image", "seed"]
 
 

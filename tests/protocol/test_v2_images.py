@@ -203,7 +203,7 @@ def test_grpc_shape_mismatch_is_invalid_argument(server, raw):
 
 def test_metadata_lists_image_inputs_and_server_keeps_serving(server):
     meta = httpx.get(f"{server.url}/v2/models/sdxl").json()
-    assert [i["name"] for i in meta["inputs"]] == ["prompt", "negative_prompt", "image", "mask"]
+    assert [i["name"] for i in meta["inputs"]] == ["prompt", "negative_prompt", "image", "mask", "control_image"]
     assert all(i == {"name": i["name"], "datatype": "BYTES", "shape": [-1]} for i in meta["inputs"])
     (image,) = json_images(server, [text("prompt", ["still here"]), text("image", [IMG])])
     assert image.shape == (128, 128, 3)

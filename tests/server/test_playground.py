@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import shutil
 import subprocess
 
 import httpx
@@ -11,28 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.browser import CHROMIUM, NO_CHROMIUM
 from helpers.images import encode, make_image
 from sdserve.protocol.image_encoding import read_metadata
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags for a sandboxed CI machine with no network beyond loopback.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium; .ci/run installs it)"
-)
-
-
-@pytest.fixture(scope="module")
-def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page()
-        yield page
-        browser.close()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 @pytest.fixture(scope="module")

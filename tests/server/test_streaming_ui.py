@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
 import sys
 
@@ -107,10 +106,7 @@ def test_cli_progress_reports_a_server_error(preview_server, tmp_path):
     assert run.returncode != 0 and "error 400" in run.stderr and "num_inference_steps" in run.stderr
 
 
-# -- the playground on the stream, in a real headless Chromium (set up as in test_playground.py) ---
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# -- the playground on the stream, in a real headless Chromium ------------------------------------
 PLAYGROUND_STEPS = 60
 
 # Records what the page showed, as it showed it: each progress text, each partial image set, and
@@ -128,19 +124,6 @@ WATCH = """() => {
     }
   }).observe(document.body, { subtree: true, childList: true, attributes: true, attributeFilter: ["src"] });
 }"""
-
-
-@pytest.fixture(scope="module")
-def page():
-    if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page()
-        yield page
-        browser.close()
 
 
 def test_playground_streams_progress_and_partial_images(page, preview_server, tmp_path):

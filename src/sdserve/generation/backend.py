@@ -1,5 +1,5 @@
-"""The loaded model as the step loop drives it: its phases, how its LoRA adapters apply to a
-call, and the admission of new images (adapters loaded, prompt encoding in batches, a scheduler
+"""The loaded model as the step loop drives it: its phases, how its LoRA adapters and control
+models apply to a call, and the admission of new images (adapters loaded, prompt encoding in batches, a scheduler
 and starting latents per image)."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from collections import defaultdict
 import torch
 
 from ..adapters.library import Adapters
+from ..controls import LoadedControls
 from ..models.embeddings import PromptVocabulary
 from ..models.loading import LoadedModel
 from ..request.types import GenerationRequest, RefinerMode
+from . import control
 from .admission import Job
 from .families import BY_FAMILY, Phase, SDXLRefinerPhase
 from .faults import Faults
@@ -25,9 +27,11 @@ class ModelBackend:
     """Owned by the worker thread, like the pipelines it wraps."""
 
     def __init__(self, model: LoadedModel, adapters: Adapters | None = None, faults: Faults | None = None,
-                 pad_rows: bool = False, pad_decode: bool = False, vocabulary: PromptVocabulary | None = None):
+                 pad_rows: bool = False, pad_decode: bool = False, vocabulary: PromptVocabulary | None = None,
+                 controls: LoadedControls | None = None):
         self.model = model
         self.adapters = adapters
+        self.controls = controls  # ControlNets, T2I-Adapters and IP-Adapters, loaded on first use
         self.resident = adapters.resident if adapters is not None else None  # loaded by Adapters.load_all
         self.faults = faults or Faults.from_env()
         # Compiled models are specialised to shapes: calls are padded to a few batch sizes.
@@ -58,6 +62,13 @@ class ModelBackend:
         if self.resident is None or not phase.uses_adapters:
             return contextlib.nullcontext()
         return self.resident.for_call([im.job.request.loras for im in row_images], phase.device)
+
+    def control_scope(self, phase: Phase, row_images: list[ImageState], latents: torch.Tensor, t: torch.Tensor,
+                      cond: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Where one call of the base phase gets its rows' control inputs (none for the others)."""
+        if phase is not self.base or not any(im.controls is not None for im in row_images):
+            return contextlib.nullcontext({})
+        return control.control_call(phase, row_images, latents, t, cond, self.controls)
 
     def admit(self, jobs: list[Job], in_use: frozenset[str] = frozenset()) -> list[ImageState]:
         """Image states for ``jobs``: their adapters loaded (none that ``in_use``, the adapters of
@@ -100,4 +111,11 @@ class ModelBackend:
                 else:
                     image.latents = begin_from_image(self.base, image, start, dtype)
                 images.append(image)
+            if request.controls:  # the same for every image of the request
+                job_images = images[-request.num_images:]
+                schedule = job_images[0].schedules[0]
+                prepared = control.prepare(request.controls, request, self.controls, self.base.pipe.vae_scale_factor,
+                                           self.base.device, schedule.span or len(schedule.times))
+                for image in job_images:
+                    image.controls = prepared
         return images

@@ -19,16 +19,21 @@ _FULL_ROWS, _CACHED_ROWS = metrics.DENOISER_ROWS.labels(work="full"), metrics.DE
 
 # (phase, the image of each row) -> what applies the rows' LoRA adapters during the call
 AdapterScope = Callable[[Phase, list[ImageState]], contextlib.AbstractContextManager]
+# (phase, the image of each row, latents, timesteps, conditioning) -> a context in which the
+# denoiser's control inputs apply, giving its extra arguments
+ControlScope = Callable[..., contextlib.AbstractContextManager]
 
 
 class Denoise:
     """Runs steps for the loop. Keeps the concatenated conditioning of the last selection per
     group: it changes only when images join or leave, not every step."""
 
-    def __init__(self, max_rows: int, pad_rows: bool = False, adapter_scope: AdapterScope | None = None):
+    def __init__(self, max_rows: int, pad_rows: bool = False, adapter_scope: AdapterScope | None = None,
+                 controls: ControlScope | None = None):
         self.max_rows = max_rows
         self.pad_rows = pad_rows
         self.adapter_scope = adapter_scope or (lambda phase, row_images: contextlib.nullcontext())
+        self.controls = controls or (lambda *args: contextlib.nullcontext({}))
         self._conditioning: dict[tuple, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     def forget(self, live_groups: set[tuple]) -> None:
@@ -58,7 +63,8 @@ class Denoise:
                 cached = deep_call if phase.denoiser.__class__.__name__.startswith("UNet") else first_block_call
                 output = cached(phase, latents, t, cond, row_images, lambda rows: self.adapter_scope(phase, rows))
             else:
-                output = phase.call(latents, t, cond)
+                with self.controls(phase, row_images, latents, t, cond) as extra:  # each row's control inputs
+                    output = phase.call(latents, t, cond, **extra)
         skipped = self._skip_layer_rows(phase, images, latents, t, cond)
 
         cached = sum(im.rows for im in images if im.cache is not None and im.cache.ran and im.cache.ran[-1] == "cached")

@@ -59,7 +59,7 @@ class StepLoop:
         self.max_images = max_batch_images
         self.policy = StepPolicy(max_batch_images)
         self.denoise = Denoise(max_rows=2 * max_batch_images, pad_rows=backend.pad_rows,
-                               adapter_scope=backend.adapter_scope)
+                               adapter_scope=backend.adapter_scope, controls=backend.control_scope)
         self.active: list[ImageState] = []
 
     # -- admission -------------------------------------------------------------------------

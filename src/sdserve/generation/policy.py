@@ -11,8 +11,11 @@
     ``lora_B``): those adapters change the layer itself, not just add a low-rank term, so their
     images run in calls of their own set (``adapters/batched.py``).
   Everything else may differ within a call: steps, guidance, sampler, prompts, how far along the
-  image is, and its LoRA adapters (any set, several, none, each with its scales: every row gets
-  its own adapters' deltas).
+  image is, its LoRA adapters (any set, several, none, each with its scales: every row gets
+  its own adapters' deltas) and its controls. Controls need no key of their own: a ControlNet's
+  residuals and a T2I-Adapter's features are added to the UNet's hidden states row by row, so a
+  row without them gets zeros, which leave it as it is; a ControlNet runs as its own call before
+  the UNet's, over just the rows that use it (``control.py``).
 * Groups take turns, one call each, in round-robin order: no group waits for another to finish.
 * Within a group at most ``max_images`` images go into one call (the memory bound; lowered for a
   group after it ran out of memory). When more are waiting, those with the fewest denoiser calls

@@ -41,6 +41,9 @@ class Schedule:
     times: list[float]  # the same as numbers: the denoiser's per-row timestep input
     step_kwargs: dict[str, Any]  # eta / generator, as the pipeline passes them to scheduler.step
     begin: Any = None  # what the phase needs to start its latents (e.g. the noise timestep)
+    # The timesteps a ControlNet's start/end are fractions of: the pipeline's loop's, before an
+    # ensemble refiner's cut (None: ``times``).
+    span: int | None = None
 
 
 @dataclass(eq=False)
@@ -88,6 +91,7 @@ class ImageState:
     inpaint: Inpaint | None = None
     own_calls: tuple = ()  # LoRA adapters only peft's own path serves: calls with just this set
     cache: FeatureCache | None = None  # features reused between steps (request.cache)
+    controls: Any = None  # control.RequestControls: its request's ControlNet images and adapter features
 
     @property
     def schedule(self) -> Schedule:

@@ -28,7 +28,7 @@ from ..request.fields import ALIASES
 from ..request.types import GenerationRequest, GenerationResult
 from ..request.validation import RequestParser
 from .image_encoding import b64, encode_image
-from .v2_inputs import IMAGE, MASK, NEGATIVE_PROMPT, PROMPT, decode_binary_request, read_inputs
+from .v2_inputs import CONTROL_IMAGE, IMAGE, MASK, NEGATIVE_PROMPT, PROMPT, decode_binary_request, read_inputs
 
 OUTPUT_FORMATS = ("image", "tensor")
 OUTPUTS = ("image", "seed")
@@ -40,6 +40,7 @@ INPUT_METADATA = [
     {"name": NEGATIVE_PROMPT, "datatype": "BYTES", "shape": [-1]},
     {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
     {"name": MASK, "datatype": "BYTES", "shape": [-1]},
+    {"name": CONTROL_IMAGE, "datatype": "BYTES", "shape": [-1]},
 ]
 OUTPUT_METADATA = [
     {"name": "image", "datatype": "BYTES", "shape": [-1]},
@@ -125,6 +126,8 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
             )
     parser.check_fields(params)
     given = read_inputs(request.inputs, parser.limits.max_input_pixels)
+    if given.control_images is not None:
+        params = {**params, "controls": with_control_images(params.get("controls"), given.control_images)}
     requests = []
     for i, prompt in enumerate(given.prompts):
         values = {**params, PROMPT: prompt}
@@ -139,6 +142,24 @@ def parse_v2(request: InferRequest, parser: RequestParser, request_id: str) -> V
     # gRPC forbids mixing raw_output_contents with typed contents: a raw tensor makes all raw.
     raw_outputs = request.use_binary_outputs or (request.from_grpc and output_format == "tensor")
     return V2Call(requests, output_format, request.id or request_id, requested, image_binary, raw_outputs)
+
+
+def with_control_images(controls: Any, images: list) -> list:
+    """The controls parameter (JSON text) with the control_image input's images, one per control."""
+    try:
+        items = json.loads(controls) if isinstance(controls, (str, bytes)) else controls
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise InvalidInput(f"input {CONTROL_IMAGE}: needs the controls parameter, a JSON list of "
+                           f'{{"model": ..., "scale": ...}} objects, one per image')
+    if len(items) != len(images):
+        raise InvalidInput(f"input {CONTROL_IMAGE}: has {len(images)} images for {len(items)} controls; give one "
+                           f"per control, in the order of the controls parameter")
+    for i, item in enumerate(items):
+        if "image" in item:
+            raise InvalidInput(f"controls[{i}].image: given both inline and as input {CONTROL_IMAGE}; give it once")
+    return [{**item, "image": image} for item, image in zip(items, images)]
 
 
 def encode_response(

@@ -23,6 +23,7 @@ PROMPT = "prompt"
 NEGATIVE_PROMPT = "negative_prompt"
 IMAGE = "image"
 MASK = "mask"
+CONTROL_IMAGE = "control_image"  # one per control in the controls parameter, in its order
 
 
 @dataclass
@@ -33,13 +34,14 @@ class TextAndImages:
     negatives: list[str] | None
     images: list[Image.Image] | None
     masks: list[Image.Image] | None
+    control_images: list[Image.Image] | None = None  # shared by every prompt
 
 
 def read_inputs(inputs: list, max_input_pixels: int) -> TextAndImages:
     by_name = {inp.name: inp for inp in inputs}
     if len(by_name) != len(inputs):
         raise InvalidInput("inputs: each input name may appear once")
-    negative, image, mask = (by_name.pop(name, None) for name in (NEGATIVE_PROMPT, IMAGE, MASK))
+    negative, image, mask, control = (by_name.pop(name, None) for name in (NEGATIVE_PROMPT, IMAGE, MASK, CONTROL_IMAGE))
     if PROMPT in by_name:
         prompt = by_name.pop(PROMPT)
     elif len(by_name) == 1 and next(iter(by_name.values())).datatype == "BYTES":
@@ -50,7 +52,7 @@ def read_inputs(inputs: list, max_input_pixels: int) -> TextAndImages:
         got = ", ".join(f"{i.name} ({i.datatype})" for i in inputs) or "none"
         raise InvalidInput(
             f"inputs: expected a BYTES input '{PROMPT}' (or a single BYTES input of any name) and optional "
-            f"BYTES '{NEGATIVE_PROMPT}', '{IMAGE}' and '{MASK}'; got {got}"
+            f"BYTES '{NEGATIVE_PROMPT}', '{IMAGE}', '{MASK}' and '{CONTROL_IMAGE}'; got {got}"
         )
     prompts = strings(prompt)
     if not prompts:
@@ -61,6 +63,8 @@ def read_inputs(inputs: list, max_input_pixels: int) -> TextAndImages:
         _per_prompt(negative, strings(negative), n) if negative is not None else None,
         _per_prompt(image, _images(image, n, max_input_pixels), n) if image is not None else None,
         _per_prompt(mask, _images(mask, n, max_input_pixels), n) if mask is not None else None,
+        [image_input.decode_image(v, f"input {control.name}[{i}]", max_input_pixels)
+         for i, v in enumerate(elements(control))] if control is not None else None,
     )
 
 

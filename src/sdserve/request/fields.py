@@ -56,6 +56,9 @@ FIELDS: dict[str, str] = {
     "cache_threshold": "cache first_block: skip the other blocks while the first block's output changed by less "
                        "than this (relative)",
     "loras": 'LoRA adapters: [{"name": "...", "scale": 0.8}, ...] or ["name", ...]',
+    "controls": 'ControlNet / T2I-Adapter inputs: [{"model": "...", "image": "<base64>", "scale": 1.0, "start": 0.0, '
+                '"end": 1.0, "preprocessor": "none" or "canny"}, ...] (or AUTOMATIC1111\'s '
+                'alwayson_scripts.controlnet)',
     "image": "start image (img2img, inpainting): base64 PNG/JPEG/WebP or a data: URL",
     "mask": "inpainting mask, same encodings: white = repaint, black = keep; needs image",
     "strength": "with image: how much of the schedule runs (default 0.8, or 1.0 with a mask)",

@@ -39,8 +39,10 @@ def _message(parameters: type[BaseModel], error: Any, values: Mapping[str, Any],
     loc, kind, ctx = error["loc"], error["type"], error.get("ctx") or {}
     if kind == "sdserve":
         return f"{where}{_path(loc)}{ctx['suffix']}: {ctx['message']}"
-    if kind == "missing" and len(loc) == 1:
+    if kind == "missing" and isinstance(loc[-1], str):  # a field (of an object in a list too), not a list item
         return f"{where}{_path(loc)}: required field is missing"
+    if kind == "extra_forbidden" and (inner := _model_at(parameters, loc[:-1])) is not None:
+        return f"{where}{_path(loc)}: unknown field; allowed: {', '.join(inner.model_fields)}"
     if kind == "string_too_long" and len(loc) == 1:
         return f"{where}{_path(loc)}: {len(error['input'])} characters is over the limit of {ctx['max_length']}"
     depth, expect = _expectation(parameters, loc)
@@ -67,6 +69,18 @@ def _expectation(model: Any, loc: tuple) -> tuple[int, str | None]:
             found = (depth, expect.text)
         model = _submodel(info.annotation)
     return found
+
+
+def _model_at(model: Any, loc: tuple) -> type[BaseModel] | None:
+    """The model of the object at ``loc`` (a control inside the controls list), if any."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(ALIASES.get(part, part)) if model is not None else None
+        if info is None:
+            return None
+        model = _submodel(info.annotation)
+    return model
 
 
 def _expect(metadata: Any, annotation: Any) -> Expect | None:

@@ -23,6 +23,7 @@ from pydantic import (
 
 from ..models.capabilities import ModelCapabilities
 from ..models.schedulers import SPACINGS
+from .controls import controls_type
 from .field_types import (
     SIZE_CONDITIONING,
     Image,
@@ -139,6 +140,7 @@ def parameters_model(limits: Limits, model: ModelCapabilities) -> type[BaseModel
         "cache_interval": (integer(1, 10) | None, None),
         "cache_threshold": (real(0.0, 1.0, low_open=True) | None, None),
         "loras": (Loras, ()),
+        "controls": (controls_type(limits), ()),
         "image": (Image, None),
         "mask": (Mask, None),
         "strength": (fraction | None, None),

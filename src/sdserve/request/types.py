@@ -30,14 +30,29 @@ class Limits:
     min_side: int = 64
     max_guidance_scale: float = 30.0
     max_input_pixels: int = 4 * 2048 * 2048  # an input image's size, read from its header
+    max_controls: int = 4  # control inputs (ControlNet, T2I-Adapter) in one request
 
     def __post_init__(self) -> None:
         for name in ("max_side", "max_pixels", "max_steps", "max_images", "max_prompt_length", "max_input_pixels",
-                     "max_prompt_tokens"):
+                     "max_prompt_tokens", "max_controls"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_side < self.min_side:
             raise ValueError(f"max_side must be at least {self.min_side}, got {self.max_side}")
+
+
+@dataclass(frozen=True)
+class Control:
+    """One control input: a ControlNet or T2I-Adapter of the server, its image (after the
+    preprocessor; the engine resizes it as the pipelines do), its scale and the fraction of the
+    steps it applies over."""
+
+    model: str
+    kind: str  # controlnet | t2i-adapter | ip-adapter
+    image: Any = field(compare=False, repr=False)  # PIL RGB
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class GenerationRequest:
     image: Any = field(default=None, compare=False, repr=False)
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float | None = None
+    controls: tuple[Control, ...] = ()  # ControlNet / T2I-Adapter inputs, on the base model
 
     @property
     def seeds(self) -> list[int]:
@@ -110,6 +126,8 @@ class GenerationRequest:
         out["refiner"] = str(self.refiner)
         out["format"] = out.pop("image_format")
         out["loras"] = [{"name": name, "scale": scale} for name, scale in self.loras] or None
+        out["controls"] = [{"model": c.model, "kind": c.kind, "scale": c.scale, "start": c.start, "end": c.end}
+                           for c in self.controls] or None  # the images are the client's
         if self.image is not None:  # the image itself is the client's; say what was done with it
             out["mode"] = "inpaint" if self.mask is not None else "img2img"
         if self.true_cfg_scale == 1.0:  # FLUX's, off: out, as other families refuse the field

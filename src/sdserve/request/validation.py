@@ -24,8 +24,11 @@ from ..models.schedulers import (
     samplers_taking,
 )
 from . import image_input, step_savings
+from .a1111_controls import from_a1111
+from .controls import ControlCatalog, NoControls, resolve_controls
 from .family_rules import resolve_family_fields
 from .fields import FAMILY_FIELDS, FAMILY_NOTES, AdapterCatalog, family_names, field_keys
+from .image_fields import mask_image, start_image
 from .parameter_errors import validate
 from .parameters import default_size, inline_definitions, parameters_model
 from .prompt_syntax import CLIP_PROMPTS, PromptSettings, check_prompts
@@ -66,8 +69,10 @@ class RequestParser:
 
     def __init__(self, limits: Limits, model: ModelCapabilities, adapters: AdapterCatalog | None = None,
                  prompts: PromptSettings = PromptSettings(),
-                 savings: step_savings.SavingsDefaults = step_savings.SavingsDefaults()):
+                 savings: step_savings.SavingsDefaults = step_savings.SavingsDefaults(),
+                 controls: ControlCatalog | None = None):
         self.limits = limits
+        self.controls = controls or NoControls()
         self.model = model
         self.adapters = adapters or NoAdapters()
         self.prompts = prompts
@@ -96,6 +101,7 @@ class RequestParser:
         """Validate ``values``; ``where`` prefixes field names in errors (e.g. ``instances[2].``)."""
         if not isinstance(values, Mapping):
             raise InvalidInput(f"{where or 'request'}: expected an object of generation parameters")
+        values = from_a1111(values, where)  # AUTOMATIC1111's ControlNet units as controls
         values = apply_recipes(values, self.adapters, where)  # adapter recipes fill fields left out
         v = Given(*validate(self.parameters, values, where, self.adapters), where)
         lim, model = self.limits, self.model
@@ -126,7 +132,7 @@ class RequestParser:
                     f"schedulers that do: {', '.join(samplers_taking(name, model.scheduler_family))}"
                 )
 
-        start = self._start_image(v)
+        start = start_image(v, model, lim)
         width, height = v.width, v.height
         if start is not None and not (v.has("width") and v.has("height")):  # sizes from the image
             width, height = default_size(model, lim, start.size)
@@ -141,7 +147,9 @@ class RequestParser:
                 f"server limit of {lim.max_pixels} pixels"
             )
         steps = self._steps(v, start)
-        mask = self._mask(v, start)
+        mask = mask_image(v, model, lim, start)
+        controls = resolve_controls(v, self.controls, model, lim, image=start is not None, mask=mask is not None,
+                                    cache=savings["cache"])
         refiner = self._refiner(v, inpaint=mask is not None, custom=v.has("timesteps"))
         strength = self._strength(v, start, mask, steps)
         high_noise_frac, refiner_strength = v.high_noise_frac, v.refiner_strength
@@ -208,43 +216,8 @@ class RequestParser:
             image=image_input.as_rgb(start, (width, height)) if start is not None else None,
             mask=image_input.as_mask(mask, (width, height)) if mask is not None else None,
             strength=strength,
+            controls=controls,
         )
-
-    def _start_image(self, v: Given):
-        """The decoded start image, or None; a model that needs one gets a 400 without it."""
-        if not v.has("image"):
-            if self.model.needs_image or self.model.needs_mask:
-                what = "an inpainting model: give image and mask" if self.model.needs_mask else \
-                    "an image-to-image model (an SDXL refiner alone): give image"
-                raise InvalidInput(f"{v.label('image')}: required: the loaded model is {what}")
-            return None
-        value = v.image
-        label = v.label("image")
-        if isinstance(value, list):  # AUTOMATIC1111's init_images: a list of one
-            if len(value) != 1:
-                raise InvalidInput(f"{label}: give exactly one image, got {len(value)}")
-            value, label = value[0], f"{label}[0]"
-        image = image_input.decode_image(value, label, self.limits.max_input_pixels)
-        smallest = self.limits.min_side
-        if min(image.size) < smallest:
-            raise InvalidInput(f"{label}: {image.size[0]}x{image.size[1]} is smaller than the server minimum "
-                               f"of {smallest} pixels a side")
-        return image
-
-    def _mask(self, v: Given, start):
-        if not v.has("mask"):
-            if self.model.needs_mask and start is not None:
-                raise InvalidInput(f"{v.label('mask')}: required: the loaded model is an inpainting model")
-            return None
-        if start is None:
-            raise InvalidInput(f"{v.label('mask')}: a mask needs an image to repaint; give image as well")
-        if self.model.needs_image:
-            raise InvalidInput(f"{v.label('mask')}: the loaded model (an SDXL refiner alone) does not inpaint")
-        mask = image_input.decode_image(v.mask, v.label("mask"), self.limits.max_input_pixels)
-        if mask.size != start.size:
-            raise InvalidInput(f"{v.label('mask')}: {mask.size[0]}x{mask.size[1]} differs from the image's size "
-                               f"{start.size[0]}x{start.size[1]}; they must match")
-        return mask
 
     def _steps(self, v: Given, start) -> int:
         """num_inference_steps, or the length of the timesteps given outright (text-to-image only:

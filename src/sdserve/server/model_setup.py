@@ -12,6 +12,7 @@ from typing import Any
 from kserve.errors import InvalidInput
 
 from ..adapters import Adapters, open_store
+from ..controls import ControlCatalog, LoadedControls
 from ..generation import ModelBackend
 from ..generation.policy import buckets
 from ..generation.preview import Previewer
@@ -20,6 +21,7 @@ from ..models.embeddings import PromptVocabulary, load_embeddings
 from ..models.layout import ModelStoreError, discover
 from ..models.optimize import Optimizations
 from ..request import recipes
+from ..request.controls import CONTROL_FAMILIES
 from ..request.fields import FAMILY_FIELDS
 from ..request.prompt_syntax import PromptSettings
 from ..request.prompts import counting_tokenizers
@@ -37,6 +39,7 @@ class ModelSettings:
     refiner_dir: str | None = None
     config_dir: str | None = None  # diffusers configs for a single-file checkpoint
     lora_dir: str | None = None  # default: <model_dir>/loras
+    control_dir: str | None = None  # ControlNets / T2I-Adapters; default: <model_dir>/controls
     preview_vae: str | None = None  # --preview_vae: AutoencoderTiny folder for partial images
     device: str = "auto"
     dtype: str = "auto"
@@ -61,6 +64,7 @@ class Served:
     parser: RequestParser
     tokenizers: dict[str, Any]  # private copies, for counting prompt tokens on request threads
     weighted_tokenizers: dict[str, Any]  # the same for weighted prompts (they know the embeddings' tokens)
+    controls: ControlCatalog | None  # the control models requests may name (SD and SDXL models)
     previewer: Previewer | None
     preview_error: str | None  # why there are no previews (previewer None)
     backend: ModelBackend
@@ -82,7 +86,8 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
                         max_loaded=s.max_loaded_adapters)
     adapters.load_all(loaded.base)
     vocabulary, prompts = _prompt_vocabulary(s, caps.family, loaded, Path(model_dir))
-    parser = RequestParser(limits, caps, adapters, prompts, s.savings)
+    controls = _control_catalog(s, loaded, Path(model_dir))
+    parser = RequestParser(limits, caps, adapters, prompts, s.savings, controls)
     previewer, preview_error = model_previewer(loaded, s.preview_vae, s.download_dir)
     opts = s.optimizations
     done = optimize.apply(loaded.base, opts)
@@ -102,10 +107,24 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
         f", fused LoRA {adapters.fused.name} (scale {adapters.fused.scale:g})" if adapters.fused else "",
     )
     backend = ModelBackend(loaded, adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all",
-                           vocabulary=vocabulary)
+                           vocabulary=vocabulary,
+                           controls=LoadedControls(controls, device, dtype, loaded.base.unet)
+                           if controls is not None else None)
     own = {name: getattr(loaded.base, name, None) for name in ("tokenizer", "tokenizer_2")}
     return Served(loaded, adapters, parser, counting_tokenizers(own), counting_tokenizers(vocabulary.tokenizers),
-                  previewer, preview_error, backend)
+                  controls, previewer, preview_error, backend)
+
+
+def _control_catalog(s: ModelSettings, loaded: loading.LoadedModel, model_dir: Path) -> ControlCatalog | None:
+    """The control models of an SD 1.x/2.x or SDXL model (None for the others)."""
+    caps = loaded.capabilities
+    if caps.family not in CONTROL_FAMILIES or caps.needs_image:
+        if s.control_dir:
+            raise ModelStoreError(f"--control_dir: control models (ControlNet, T2I-Adapter, IP-Adapter) are for "
+                                  f"SD 1.x/2.x and SDXL text-to-image models, not a {caps.pipeline_class}")
+        return None
+    return ControlCatalog(s.control_dir or model_dir / "controls", loaded.base.unet, s.lora_relist_seconds,
+                          s.download_dir, required=bool(s.control_dir))
 
 
 def _prompt_vocabulary(s: ModelSettings, family: str, loaded: loading.LoadedModel,

@@ -64,6 +64,7 @@ class SDModel(kserve.Model):
         self.tokenizers: dict = {}
         self.weighted_tokenizers: dict = {}
         self.adapters: Adapters | None = None
+        self.controls = None  # the ControlCatalog of an SD/SDXL model
         # Not ``self.engine``: kserve reads that attribute as "has an async engine to start".
         self.batch_engine: Engine | None = None
         self.draining = False
@@ -84,6 +85,7 @@ class SDModel(kserve.Model):
     def _prepare(self) -> ModelBackend:
         served = model_setup.prepare(self.name, self.settings, self.limits)
         self.loaded, self.adapters, self.parser = served.loaded, served.adapters, served.parser
+        self.controls = served.controls
         self.tokenizers, self.weighted_tokenizers = served.tokenizers, served.weighted_tokenizers
         self.previewer, self.preview_error = served.previewer, served.preview_error
         return served.backend
@@ -143,6 +145,8 @@ class SDModel(kserve.Model):
             out["prompt_syntax"] = prompts.default_syntax
         if prompts.embeddings:
             out["embeddings"] = sorted(prompts.embeddings)
+        if self.controls is not None and self.controls.names():
+            out["controls"] = [{"name": n, "kind": self.controls.get(n).kind} for n in self.controls.names()]
         if self.adapters is not None:  # each only when there is something to show
             if found := self.adapters.recipes():
                 out["recipes"] = {name: recipe.describe() for name, recipe in found.items()}

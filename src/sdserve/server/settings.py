@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora_relist_seconds", type=float, default=10.0, metavar="S",
                        help="a request naming an adapter not yet listed lists the store again, at most once every "
                        "S seconds (new adapters are served without a restart)")
+    model.add_argument("--control_dir", default=None,
+                       help="ControlNets, T2I-Adapters and IP-Adapters for SD 1.x/2.x and SDXL models, one folder per "
+                       "name (default: <model_dir>/controls), or a remote location (downloaded at each listing); a "
+                       "request naming one not yet listed lists again (at most every --lora_relist_seconds)")
     model.add_argument("--max_loaded_adapters", type=int, default=16, metavar="N",
                        help="most LoRA adapters loaded into the model at once; loading another unloads the least "
                        "recently used one that no image in flight uses (a local folder's first N load at start-up)")
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max_images", type=int, default=defaults.max_images, help="most images in one request")
     limits.add_argument("--max_prompt_length", type=int, default=defaults.max_prompt_length,
                         help="longest prompt, in characters")
+    limits.add_argument("--max_controls", type=int, default=defaults.max_controls,
+                        help="most control inputs (ControlNet, T2I-Adapter, IP-Adapter) in one request")
     limits.add_argument("--max_prompt_tokens", type=int, default=defaults.max_prompt_tokens,
                         help="most tokens a weighted prompt (prompt_syntax compel or a1111) is read as, per text encoder")
 

@@ -13,6 +13,9 @@ weights are random, only the machinery is real.
     sdserve tiny-model DIR --kind flux-schnell   # FluxPipeline without guidance, as FLUX.1 [schnell]
     sdserve tiny-model DIR --kind flux-fill      # FluxFillPipeline: inpainting as FLUX.1 Fill [dev]
     sdserve tiny-model DIR --kind sd-single-file # DIR/model.safetensors (original layout) + DIR/config/
+    sdserve tiny-model DIR --kind sdxl-controlnet   # a ControlNetModel for the tiny SDXL (also sd-controlnet)
+    sdserve tiny-model DIR --kind sdxl-t2i-adapter  # a T2IAdapter for the tiny SDXL (also sd-t2i-adapter)
+    sdserve tiny-model DIR --kind sdxl-ip-adapter   # an IP-Adapter for the tiny SDXL (also sd-ip-adapter)
     sdserve tiny-model DIR --loras trex,pixel    # also DIR/loras/<name>/pytorch_lora_weights.safetensors
 """
 
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .controls import CONTROL_KINDS, write_control
+from .denoisers import tiny_unet, tiny_vae
 from .mmdit import build_flux, build_sd3
 from .original_layout import write_single_file
 from .text_config import text_config as _text_config
@@ -31,7 +36,7 @@ __all__ = ["KINDS", "build_flux", "build_sd", "build_sd3", "build_sdxl", "clip_t
            "write_clip_tokenizer_files", "write_lora", "write_single_file", "write_tiny_model", "ATTENTION"]
 
 KINDS = ("sdxl", "sdxl-refiner", "sd", "sd3", "sd35", "flux", "flux-schnell", "flux-fill", "sd-single-file",
-         "sd-inpaint", "sdxl-inpaint", "refiner-only")
+         "sd-inpaint", "sdxl-inpaint", "refiner-only", *CONTROL_KINDS)
 
 _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "beta_start": 0.00085,
@@ -41,52 +46,6 @@ _SCHEDULER = {  # SDXL base 1.0's own scheduler settings
     "timestep_spacing": "leading",
     "num_train_timesteps": 1000,
 }
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    # Four levels like the real VAE: 8x down-sampling, so sizes behave as they do for SDXL.
-    return AutoencoderKL(
-        block_out_channels=[8, 8, 16, 16],
-        layers_per_block=1,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=256,
-    )
-
-
-def _unet(cross_attention_dim: int, time_ids: int | None, text_embed_dim: int = 32, in_channels: int = 4):
-    """A three-level UNet with attention only at the lowest level (cheap at 1024x1024); with
-    ``time_ids`` it takes SDXL's added text/time conditioning; ``in_channels`` 9 makes an
-    inpainting UNet (latents, mask, masked-image latents)."""
-    from diffusers import UNet2DConditionModel
-
-    extra = {}
-    if time_ids is not None:
-        extra = dict(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=time_ids * 8 + text_embed_dim,
-        )
-    return UNet2DConditionModel(
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=4,
-        use_linear_projection=True,
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=8,
-        **extra,
-    )
 
 
 def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0, inpaint: bool = False):
@@ -104,12 +63,12 @@ def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0, inpaint
     tokenizer = clip_tokenizer(scratch / "tok1", "<|endoftext|>")
     tokenizer_2 = clip_tokenizer(scratch / "tok2", "!")
     base = (StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline)(
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, projection=False)),
         text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, projection=True)),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        unet=_unet(cross_attention_dim=64, time_ids=6, in_channels=9 if inpaint else 4),
+        unet=tiny_unet(cross_attention_dim=64, time_ids=6, in_channels=9 if inpaint else 4),
         scheduler=EulerDiscreteScheduler(**_SCHEDULER),
         force_zeros_for_empty_prompt=True,
     )
@@ -122,7 +81,7 @@ def build_sdxl(scratch: Path, with_refiner: bool = False, seed: int = 0, inpaint
             tokenizer=None,
             tokenizer_2=tokenizer_2,
             # the refiner conditions on text_encoder_2 only, and on an aesthetic score (5 time ids)
-            unet=_unet(cross_attention_dim=32, time_ids=5),
+            unet=tiny_unet(cross_attention_dim=32, time_ids=5),
             scheduler=EulerDiscreteScheduler(**_SCHEDULER),
             requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False,
@@ -139,10 +98,10 @@ def build_sd(scratch: Path, seed: int = 0, inpaint: bool = False):
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(scratch / "tok", "<|endoftext|>")
     return (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
-        vae=_vae(),
+        vae=tiny_vae(),
         text_encoder=CLIPTextModel(_text_config(tokenizer, projection=False)),
         tokenizer=tokenizer,
-        unet=_unet(cross_attention_dim=32, time_ids=None, in_channels=9 if inpaint else 4),
+        unet=tiny_unet(cross_attention_dim=32, time_ids=None, in_channels=9 if inpaint else 4),
         scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
@@ -191,6 +150,10 @@ def write_tiny_model(dest: str | Path, kind: str = "sdxl-refiner", seed: int = 0
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     dest = Path(dest)
+    if kind in CONTROL_KINDS:
+        if loras:
+            raise ValueError("LoRA adapters are for a base model; a control model takes none")
+        return write_control(dest, kind, seed)
     with tempfile.TemporaryDirectory() as scratch:
         if kind == "sd-inpaint":
             base = build_sd(Path(scratch), seed, inpaint=True)

@@ -110,14 +110,14 @@ class Phase:
             scheduler.set_timesteps(request.num_inference_steps, device=self.device, **kwargs)
 
     def schedule(self, scheduler, timesteps: torch.Tensor, rows: Rows, generator: torch.Generator,
-                 begin: Any = None, eta: float | None = None) -> Schedule:
+                 begin: Any = None, eta: float | None = None, span: int | None = None) -> Schedule:
         """``eta``: the request's; None, the pipelines' default 0.0."""
         kwargs: dict[str, Any] = {}
         if self.passes_step_kwargs:  # the pipeline's prepare_extra_step_kwargs
             accepted = _step_parameters(type(scheduler))
             eta = 0.0 if eta is None else eta
             kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
-        return Schedule(self, rows, scheduler, timesteps, [float(t) for t in timesteps.tolist()], kwargs, begin)
+        return Schedule(self, rows, scheduler, timesteps, [float(t) for t in timesteps.tolist()], kwargs, begin, span)
 
     def plan(self, request: GenerationRequest, image_seed: int, generator: torch.Generator, rows: Rows) -> Schedule:
         """A fresh scheduler with this image's timesteps (set up as the pipeline's call does)."""
@@ -176,8 +176,9 @@ class Phase:
         """The denoiser's conditioning arguments from a call's concatenated rows."""
         raise NotImplementedError
 
-    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The denoiser over rows of several images, each with its own timestep and conditioning."""
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
+        """The denoiser over rows of several images, each with its own timestep and conditioning;
+        ``extra``: the UNet's control residuals (``control.py``)."""
         raise NotImplementedError
 
     # -- finished images (last phase) --------------------------------------------------------

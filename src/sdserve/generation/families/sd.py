@@ -44,9 +44,10 @@ class StableDiffusionPhase(Phase):
     def denoiser_kwargs(self, cond: dict[str, torch.Tensor]) -> dict:
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "timestep_cond": cond.get("timestep_cond")}
 
-    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], **extra) -> torch.Tensor:
+        added = {"image_embeds": extra.pop("image_embeds")} if "image_embeds" in extra else None  # IP-Adapters'
         return self.denoiser(latents, t, **self.denoiser_kwargs(cond), cross_attention_kwargs=None,
-                             added_cond_kwargs=None, return_dict=False)[0]
+                             added_cond_kwargs=added, return_dict=False, **extra)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

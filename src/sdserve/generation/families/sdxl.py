@@ -113,9 +113,11 @@ class _SDXLPhase(Phase):
         return {"encoder_hidden_states": cond["encoder_hidden_states"], "timestep_cond": cond.get("timestep_cond"),
                 "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}}
 
-    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.denoiser(latents, t, **self.denoiser_kwargs(cond), cross_attention_kwargs=None,
-                             return_dict=False)[0]
+    def call(self, latents: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor], **extra) -> torch.Tensor:
+        kwargs = self.denoiser_kwargs(cond)
+        if "image_embeds" in extra:  # IP-Adapters read theirs with the added conditioning
+            kwargs["added_cond_kwargs"] = {**kwargs["added_cond_kwargs"], "image_embeds": extra.pop("image_embeds")}
+        return self.denoiser(latents, t, **kwargs, cross_attention_kwargs=None, return_dict=False, **extra)[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """As the pipelines decode: a float16 VAE that needs it runs in float32 for the call."""
@@ -149,12 +151,13 @@ class SDXLBasePhase(_SDXLPhase):
             timesteps = scheduler.timesteps
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
+        span = len(timesteps)
         if request.refiner is RefinerMode.ENSEMBLE:
             # denoising_end: stop at the first timestep below the cut-off
             total = scheduler.config.num_train_timesteps
             cutoff = int(round(total - request.high_noise_frac * total))
             timesteps = timesteps[: len([t for t in timesteps if t >= cutoff])]
-        return self.schedule(scheduler, timesteps, rows, generator, eta=request.eta)
+        return self.schedule(scheduler, timesteps, rows, generator, eta=request.eta, span=span)
 
     def begin(self, image: ImageState, previous: torch.Tensor | None) -> torch.Tensor:
         dtype = image.schedule.rows.cond["encoder_hidden_states"].dtype
