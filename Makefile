@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 $(DEMO_MODEL)/base/model_index.json: | $(STAMP)
 	$(BIN)/sdserve tiny-model $(DEMO_MODEL) --kind sdxl-refiner
+	$(BIN)/sdserve tiny-model $(DEMO_MODEL)/controls/edges --kind sdxl-controlnet
+	$(BIN)/sdserve tiny-model $(DEMO_MODEL)/controls/sketch --kind sdxl-t2i-adapter
+	$(BIN)/sdserve tiny-model $(DEMO_MODEL)/controls/style --kind sdxl-ip-adapter
 
 demo: $(STAMP) $(DEMO_MODEL)/base/model_index.json
 	$(BIN)/sdserve --model_dir $(DEMO_MODEL) --model_name sdxl --http_port 8080 --grpc_port 8081
