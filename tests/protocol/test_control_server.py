@@ -1,7 +1,8 @@
 """Control inputs through a real server: v1, AUTOMATIC1111's ControlNet request shape, v2 REST
 (the control_image input), gRPC with tritonclient and the ``openai`` SDK give one image for one
 request; the model metadata lists the control models, the metrics count their calls, bad controls
-are a 400 naming the field in each protocol, and the README's control examples run as written."""
+are a 400 naming the field in each protocol, control models in S3 are served (a new upload without
+a restart), and the README's control examples run as written."""
 
 import json
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from helpers.images import b64_image, decode_png, encode, make_image
 from helpers.readme import example_inputs, readme_blocks, run_block
+from helpers.s3 import S3_CREDENTIALS, local_s3
 from sdserve.tiny import write_tiny_model
 
 FAST = {"seed": 5, "num_inference_steps": 3, "width": 128, "height": 128}
@@ -158,6 +160,30 @@ def test_metrics_count_control_calls(server):
     assert r.status_code == 200
     # one ControlNet call per step it applies to: end 0.9 leaves out the last of 3 steps (3/3 > 0.9)
     assert calls() - before == 2
+
+
+def test_control_models_in_s3_and_a_new_upload_without_a_restart(server, reference, start_server, tmp_path):
+    folder = write_tiny_model(tmp_path / "edges", "sdxl-controlnet", seed=1)  # the weights of the server's edges
+    model = write_tiny_model(tmp_path / "sdxl", "sdxl")
+
+    def upload(client, name):
+        for file in folder.iterdir():
+            client.upload_file(str(file), "controls", f"models/{name}/{file.name}")
+
+    with local_s3("controls") as (endpoint, client):
+        upload(client, "edges")
+        remote = start_server("--model_dir", str(model), "--control_dir", "s3://controls/models/",
+                              "--lora_relist_seconds", "0", "--download_dir", str(tmp_path / "cache"),
+                              model_name="remote", env={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+        assert httpx.get(f"{remote.url}/v1/models/remote").json()["controls"] == [{"name": "edges",
+                                                                                   "kind": "controlnet"}]
+        upload(client, "later")
+        for name in ("edges", "later"):
+            r = remote.predict({"instances": [{"prompt": "a lighthouse", **FAST,
+                                               "controls": [{**CONTROL, "model": name, "image": b64_image(EDGES)}]}]})
+            assert r.status_code == 200, r.text
+            assert np.array_equal(decode_png(r.json()["predictions"][0]["image"]["b64"]),
+                                  decode_png(reference["image"]["b64"]))
 
 
 @pytest.mark.parametrize("language, must_contain", [("bash", "curl"), ("python", "OpenAI(")])

@@ -167,14 +167,17 @@ class ControlCatalog:
         if not storage.is_remote(self.location):
             root = Path(self.location)
             return root if root.is_dir() else None
-        from kserve_storage import Storage
-
         storage.data_connection_env()
         cache = storage.cache_dir(self.location, self.download_dir, kind="controls")
         cache.mkdir(parents=True, exist_ok=True)
         snapshot = Path(tempfile.mkdtemp(prefix="snapshot-", dir=cache))
         try:
-            Storage.download(self.location, str(snapshot))
+            if self.location.startswith("s3://"):
+                _download_s3(self.location, snapshot)
+            else:
+                from kserve_storage import Storage
+
+                Storage.download(self.location, str(snapshot))
         except BaseException:
             shutil.rmtree(snapshot, ignore_errors=True)
             raise
@@ -183,3 +186,19 @@ class ControlCatalog:
             shutil.rmtree(self._snapshot, ignore_errors=True)
         self._snapshot = snapshot
         return snapshot
+
+
+def _download_s3(location: str, target: Path) -> None:
+    """An ``s3://`` prefix copied into ``target`` with boto3, in this thread: a relisting runs on a
+    request thread of a server with gRPC threads, where the storage code's worker processes
+    (forked) could hang."""
+    bucket, prefix = storage.split_s3_uri(location)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    client = storage.s3_client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            relative = Path(obj["Key"][len(prefix):])
+            if not relative.parts or ".." in relative.parts or obj["Key"].endswith("/"):
+                continue
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target / relative))
