@@ -63,6 +63,7 @@ CASES = [
     ("sdxl", [{"model": "style", "image": DEPTH, "scale": 1.5}], {"image": START, "strength": 0.6}),
     ("sdxl", [{"model": "style", "image": DEPTH}], {"loras": ["trex"], "guidance_scale": 1.0}),
     ("sd", [{"model": "style", "image": DEPTH, "scale": 0.7}], {"negative_prompt": "fog"}),
+    ("sdxl", [{"model": "style", "image": [DEPTH, START, EDGES], "scale": 0.8}], {}),
 ]
 
 
@@ -112,6 +113,21 @@ def test_controls_with_the_ensemble_refiner(tmp_path):
         engine.close()
 
 
+def test_several_reference_images_share_calls_with_the_same_count_only(engines):
+    """An IP-Adapter's reference images are one tensor per call: two of them split from one and
+    none, which share (policy.py)."""
+    engine = engines["sdxl"]
+    common = {"prompt": "a fox", "num_inference_steps": 4, **SIZE}
+    requests = [{**common, "seed": 1}, {**common, "seed": 2, "controls": [{"model": "style", "image": EDGES}]},
+                {**common, "seed": 3, "controls": [{"model": "style", "image": [EDGES, DEPTH]}]},
+                {**common, "seed": 4, "controls": [{"model": "style", "image": [DEPTH, START], "scale": 0.5}]}]
+    jobs = engine.submit(*requests)
+    results = [job.future.result(120).images for job in jobs]
+    for values, ours in zip(requests, results):
+        assert_matches(ours, engine.reference(values))
+    assert [job.most_images_per_call for job in jobs] == [2, 2, 2, 2]
+
+
 def test_a_new_control_folder_is_served_without_a_restart(engines, tmp_path):
     engine = engines["sd"]
     request = {"prompt": "a fox", "seed": 1, "num_inference_steps": 3, **SIZE,
@@ -147,7 +163,10 @@ REFUSED = [
                                                                     r"image applies at every step"),
     ("sdxl", [{"model": "style", "image": EDGES, "preprocessor": "canny"}], {}, r"controls\[0\].preprocessor: "),
     ("sdxl", [{"model": "style", "image": EDGES}, {"model": "style", "image": DEPTH}], {},
-     r"controls\[0\].model: IP-Adapter style is given twice"),
+     r"controls\[0\].model: IP-Adapter style is given twice; give it once, with a list of reference images"),
+    ("sdxl", [{"model": "edges", "image": [EDGES, DEPTH]}], {},
+     r"controls\[0\].image: a list is for an IP-Adapter's reference images \(1 to 4\); a controlnet takes one"),
+    ("sdxl", [{"model": "style", "image": [EDGES] * 5}], {}, r"controls\[0\].image: a list is for"),
     ("sdxl", [{"model": "edges", "image": EDGES, "scale": 2.5}], {},
      r"controls\[0\].scale: must be a finite number in \[0.0, 2.0\], got 2.5"),
     ("sdxl", [{"model": "edges", "image": EDGES, "start": 0.6, "end": 0.4}], {},

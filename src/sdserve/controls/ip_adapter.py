@@ -62,8 +62,8 @@ class IPAdapter:
         self.dtype = dtype
 
     def embeds(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image, negative) embeddings of one reference image, ``[1, 1, ...]``: the pipelines'
-        ``encode_image`` and ``prepare_ip_adapter_image_embeds`` for one image."""
+        """(image, negative) embeddings of a reference image or a list of ``k``, ``[1, k, ...]``: the
+        pipelines' ``encode_image`` and ``prepare_ip_adapter_image_embeds`` for one adapter."""
         device = self.encoder.device
         pixels = self.processor(image, return_tensors="pt").pixel_values.to(device=device, dtype=self.dtype)
         if self.pooled:

@@ -57,6 +57,8 @@ class RequestControls:
     controlnets: list[ControlNetInput] = field(default_factory=list)
     adapters: list[tuple[list[torch.Tensor], int]] = field(default_factory=list)  # (scaled features, steps)
     ip_adapters: list[IPAdapterInput] = field(default_factory=list)
+    # (IP-Adapter, reference images) where it has several: the policy's group key (policy.py)
+    references: tuple[tuple[str, int], ...] = ()
     span: int = 1  # the timesteps a ControlNet's start/end are fractions of
 
     def adapter_features(self, step: int) -> list[torch.Tensor] | None:
@@ -89,6 +91,8 @@ def prepare(controls: tuple[Control, ...], request: GenerationRequest, models, v
         if control.kind == "ip-adapter":
             embeds, negative = model.embeds(control.image)
             prepared.ip_adapters.append(IPAdapterInput(control.model, control.scale, embeds, negative))
+            if embeds.shape[1] > 1:
+                prepared.references += ((control.model, embeds.shape[1]),)
             _CALLS["ip-adapter"].inc()
         elif control.kind == "controlnet":
             pixels = processor.preprocess(control.image, height=request.height, width=request.width)

@@ -7,6 +7,9 @@
   - the prompt's length in tokens (77, or a multiple of 77 for a long or BREAK prompt in a
     weighted syntax): the text rows of one call are one tensor too, and padding a shorter prompt to
     a longer one would change its image; weighted prompts of 77 tokens share calls with plain ones;
+  - an IP-Adapter given several reference images: a call's image tokens for one IP-Adapter are
+    one tensor, so an image with k > 1 references for it shares calls with images of the same k
+    for it only (one reference, the default, and no IP-Adapter share freely: see below);
   - a LoRA adapter set only peft's own path serves (DoRA and other peft variants, a bias on
     ``lora_B``): those adapters change the layer itself, not just add a low-rank term, so their
     images run in calls of their own set (``adapters/batched.py``).
@@ -15,7 +18,8 @@
   its own adapters' deltas) and its controls. Controls need no key of their own: a ControlNet's
   residuals and a T2I-Adapter's features are added to the UNet's hidden states row by row, so a
   row without them gets zeros, which leave it as it is; a ControlNet runs as its own call before
-  the UNet's, over just the rows that use it (``control.py``).
+  the UNet's, over just the rows that use it; an IP-Adapter's attention is added with a scale per
+  row, 0 for the rows without it (``control.py``).
 * Groups take turns, one call each, in round-robin order: no group waits for another to finish.
 * Within a group at most ``max_images`` images go into one call (the memory bound; lowered for a
   group after it ran out of memory). When more are waiting, those with the fewest denoiser calls

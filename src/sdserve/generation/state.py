@@ -124,4 +124,5 @@ class ImageState:
         phase = self.schedule.phase
         text = self.schedule.rows.cond.get("encoder_hidden_states")
         return (phase.name, tuple(self.latents.shape[1:]), self.own_calls if phase.uses_adapters else (),
-                text.shape[1] if text is not None else 0)
+                text.shape[1] if text is not None else 0,
+                self.controls.references if self.controls is not None and phase.name == "base" else ())

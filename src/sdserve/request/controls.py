@@ -23,6 +23,7 @@ from .types import Control, Limits
 
 CONTROL_SCALE = 2.0  # conditioning scales from 0 to 2 (AUTOMATIC1111's weight range)
 KINDS = ("controlnet", "t2i-adapter", "ip-adapter")
+MAX_REFERENCES = 4  # reference images one IP-Adapter may take
 PREPROCESSORS = ("none", "canny")
 # The model classes a control folder may hold (config.json), and the kind each is served as; a
 # folder with an image_encoder/ and ip-adapter weights is an "ip-adapter".
@@ -54,9 +55,10 @@ class ControlSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: Annotated[str, Field(min_length=1, max_length=64), Expect("a control model name")] = Field(
         description="a control model of the server (GET /v1/models/<name>: controls)")
-    image: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
-        description="the control image (edges, depth, pose...; an IP-Adapter's reference picture): base64 "
-                    "PNG/JPEG/WebP or a data: URL")
+    image: Annotated[Any, WithJsonSchema({"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_REFERENCES},
+    ]})] = Field(description="the control image (edges, depth, pose...), base64 PNG/JPEG/WebP or a data: URL; an "
+                             f"IP-Adapter's reference picture, or a list of up to {MAX_REFERENCES}")
     scale: real(0.0, CONTROL_SCALE) = Field(1.0, description="conditioning scale (diffusers' "
                                             "controlnet_conditioning_scale, adapter_conditioning_scale, "
                                             "set_ip_adapter_scale)")
@@ -117,13 +119,16 @@ def resolve_controls(v: Any, catalog: ControlCatalog, model: Any, limits: Limits
                     raise InvalidInput(f"{where}.{name}: an IP-Adapter's reference image applies at every step as "
                                        f"it is (diffusers' ip_adapter_image); allowed: {default}")
             if sum(c.model == spec.model for c in v.controls) > 1:
-                raise InvalidInput(f"{where}.model: IP-Adapter {spec.model} is given twice; one reference image "
-                                   f"per IP-Adapter")
-        picture = image_input.decode_image(spec.image, f"{where}.image", limits.max_input_pixels)
-        if min(picture.size) < limits.min_side:
-            raise InvalidInput(f"{where}.image: {picture.size[0]}x{picture.size[1]} is smaller than the server "
-                               f"minimum of {limits.min_side} pixels a side")
-        picture = picture.convert("RGB")
+                raise InvalidInput(f"{where}.model: IP-Adapter {spec.model} is given twice; give it once, with a "
+                                   f"list of reference images")
+        if isinstance(spec.image, list):
+            if kind != "ip-adapter" or not 1 <= len(spec.image) <= MAX_REFERENCES:
+                raise InvalidInput(f"{where}.image: a list is for an IP-Adapter's reference images (1 to "
+                                   f"{MAX_REFERENCES}); a {kind} takes one image")
+            pictures = [_picture(item, f"{where}.image[{k}]", limits) for k, item in enumerate(spec.image)]
+            out.append(Control(spec.model, kind, pictures, spec.scale, spec.start, spec.end))
+            continue
+        picture = _picture(spec.image, f"{where}.image", limits)
         if spec.preprocessor == "canny":
             if spec.low_threshold > spec.high_threshold:
                 raise InvalidInput(f"{where}.low_threshold: {spec.low_threshold} is above high_threshold "
@@ -131,3 +136,12 @@ def resolve_controls(v: Any, catalog: ControlCatalog, model: Any, limits: Limits
             picture = canny_edges(picture, spec.low_threshold, spec.high_threshold)
         out.append(Control(spec.model, kind, picture, spec.scale, spec.start, spec.end))
     return tuple(out)
+
+
+def _picture(value: Any, label: str, limits: Limits):
+    """A control image, decoded and checked, in RGB."""
+    picture = image_input.decode_image(value, label, limits.max_input_pixels)
+    if min(picture.size) < limits.min_side:
+        raise InvalidInput(f"{label}: {picture.size[0]}x{picture.size[1]} is smaller than the server minimum of "
+                           f"{limits.min_side} pixels a side")
+    return picture.convert("RGB")

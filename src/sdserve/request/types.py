@@ -49,7 +49,7 @@ class Control:
 
     model: str
     kind: str  # controlnet | t2i-adapter | ip-adapter
-    image: Any = field(compare=False, repr=False)  # PIL RGB
+    image: Any = field(compare=False, repr=False)  # PIL RGB; an IP-Adapter's: a list of them too
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
