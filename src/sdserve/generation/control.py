@@ -135,7 +135,7 @@ def control_call(phase, row_images: list[ImageState], latents: torch.Tensor, t: 
 
 def _ip_rows(row_images: list[ImageState]) -> dict[int, list[tuple[IPAdapterInput, bool]]]:
     """Row -> its image's IP-Adapter inputs, each with whether the row is the unconditional one
-    (a guided image's first row: it reads the negative embeddings, as the pipelines' do)."""
+    (a guided image's first row: it reads the negative embeddings, as in the pipelines)."""
     out, seen = {}, set()
     for row, image in enumerate(row_images):
         negative = image.guided and id(image) not in seen
