@@ -61,4 +61,7 @@ CONTROL_ROWS = Counter("sdserve_control_rows", "Denoiser rows that took a contro
                        "image embeddings", ["kind"])
 CONTROL_LISTINGS = Counter("sdserve_control_store_listings", "Listings of --control_dir (start-up, and a request "
                            "naming a control model not yet known)", ["result"])  # ok | error
-CONTROL_LOADS = Counter("sdserve_control_loads", "Control models loaded on first use", ["result"])  # ok | error
+CONTROL_LOADS = Counter("sdserve_control_loads", "Control models loaded on first use (and again after an eviction)",
+                        ["result"])  # ok | error
+CONTROL_EVICTIONS = Counter("sdserve_control_evictions", "Control models unloaded to stay within --max_loaded_controls "
+                            "(least recently used)")

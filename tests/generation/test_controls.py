@@ -128,6 +128,25 @@ def test_several_reference_images_share_calls_with_the_same_count_only(engines):
     assert [job.most_images_per_call for job in jobs] == [2, 2, 2, 2]
 
 
+def test_more_control_models_in_flight_than_the_bound_are_loaded_again(engines, tmp_path):
+    """--max_loaded_controls 1 with two ControlNets in one call: each step loads one again (the
+    least recently used goes), and every image is still diffusers'."""
+    from sdserve import metrics
+
+    engine = LocalEngine(engines["sd"].control_dir.parent, control_dir=engines["sd"].control_dir,
+                         max_loaded_controls=1)
+    try:
+        before = metrics.CONTROL_EVICTIONS._value.get()
+        requests = [{"prompt": "a fox", "seed": i, "num_inference_steps": 3, **SIZE,
+                     "controls": [{"model": name, "image": EDGES}]} for i, name in enumerate(("edges", "depth"))]
+        jobs = engine.submit(*requests)
+        for values, job in zip(requests, jobs):
+            assert_matches(job.future.result(120).images, engine.reference(values))
+        assert metrics.CONTROL_EVICTIONS._value.get() - before >= 3  # at least one per step
+    finally:
+        engine.close()
+
+
 def test_a_new_control_folder_is_served_without_a_restart(engines, tmp_path):
     engine = engines["sd"]
     request = {"prompt": "a fox", "seed": 1, "num_inference_steps": 3, **SIZE,

@@ -188,11 +188,11 @@ class LocalEngine:
     loads (and optimises) it as the server's does."""
 
     def __init__(self, path, max_batch_images: int = 8, adapters=None, faults=None, load_options=None,
-                 optimizations=None, embeddings_dir=None, control_dir=None, **settings):
+                 optimizations=None, embeddings_dir=None, control_dir=None, max_loaded_controls=8, **settings):
         from sdserve.generation import Engine, EngineSettings
 
         self.adapters = adapters
-        self.control_dir, self.controls = control_dir, None
+        self.control_dir, self.controls, self.max_loaded_controls = control_dir, None, max_loaded_controls
         self.engine = Engine(EngineSettings(max_batch_images=max_batch_images, **settings))
         self.engine.start(lambda: self._prepare(path, faults, load_options, optimizations, embeddings_dir)).result()
 
@@ -219,7 +219,8 @@ class LocalEngine:
             from sdserve.controls import ControlCatalog, LoadedControls
 
             self.controls = ControlCatalog(self.control_dir, self.model.base.unet, relist_seconds=0)
-            loaded = LoadedControls(self.controls, torch.device("cpu"), torch.float32, self.model.base.unet)
+            loaded = LoadedControls(self.controls, torch.device("cpu"), torch.float32, self.model.base.unet,
+                                    self.max_loaded_controls)
         self.parser = RequestParser(Limits(), self.model.capabilities, self.adapters,
                                     PromptSettings(embeddings=self.vocabulary.names), controls=self.controls)
         compiled = "none" if optimizations is None else optimizations.compile

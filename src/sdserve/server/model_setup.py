@@ -39,7 +39,8 @@ class ModelSettings:
     refiner_dir: str | None = None
     config_dir: str | None = None  # diffusers configs for a single-file checkpoint
     lora_dir: str | None = None  # default: <model_dir>/loras
-    control_dir: str | None = None  # ControlNets / T2I-Adapters; default: <model_dir>/controls
+    control_dir: str | None = None  # ControlNets / T2I-Adapters / IP-Adapters; default: <model_dir>/controls
+    max_loaded_controls: int = 8  # control models loaded at once (least recently used out)
     preview_vae: str | None = None  # --preview_vae: AutoencoderTiny folder for partial images
     device: str = "auto"
     dtype: str = "auto"
@@ -108,7 +109,7 @@ def prepare(name: str, s: ModelSettings, limits: Limits) -> Served:
     )
     backend = ModelBackend(loaded, adapters, pad_rows=opts.compile != "none", pad_decode=opts.compile == "all",
                            vocabulary=vocabulary,
-                           controls=LoadedControls(controls, device, dtype, loaded.base.unet)
+                           controls=LoadedControls(controls, device, dtype, loaded.base.unet, s.max_loaded_controls)
                            if controls is not None else None)
     own = {name: getattr(loaded.base, name, None) for name in ("tokenizer", "tokenizer_2")}
     return Served(loaded, adapters, parser, counting_tokenizers(own), counting_tokenizers(vocabulary.tokenizers),

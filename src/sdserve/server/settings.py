@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ControlNets, T2I-Adapters and IP-Adapters for SD 1.x/2.x and SDXL models, one folder per "
                        "name (default: <model_dir>/controls), or a remote location (downloaded at each listing); a "
                        "request naming one not yet listed lists again (at most every --lora_relist_seconds)")
+    model.add_argument("--max_loaded_controls", type=int, default=8, metavar="N",
+                       help="most control models loaded at once; loading another unloads the least recently used "
+                       "(an SDXL ControlNet takes 2.5 GB in float16)")
     model.add_argument("--max_loaded_adapters", type=int, default=16, metavar="N",
                        help="most LoRA adapters loaded into the model at once; loading another unloads the least "
                        "recently used one that no image in flight uses (a local folder's first N load at start-up)")
@@ -183,6 +186,8 @@ def load_config(argv: list[str] | None = None) -> ServerConfig:
     args = parser.parse_args(argv)
     if args.workers != 1:
         parser.error("--workers must be 1: one process owns the GPU; scale with replicas instead")
+    if args.max_loaded_controls < 1:
+        parser.error(f"--max_loaded_controls must be at least 1, got {args.max_loaded_controls}")
     if args.max_loaded_adapters < 1:
         parser.error(f"--max_loaded_adapters must be at least 1, got {args.max_loaded_adapters}")
     if not 0 <= args.lora_relist_seconds <= 86400:
