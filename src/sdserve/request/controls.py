@@ -105,26 +105,8 @@ def resolve_controls(v: Any, catalog: ControlCatalog, model: Any, limits: Limits
         if kind is None:
             available = ", ".join(catalog.names()[:20]) or "none"
             raise InvalidInput(f"{where}.model: no control model named {spec.model!r:.100}; available: {available}")
-        if spec.start >= spec.end:
-            raise InvalidInput(f"{where}.start: {spec.start} must be below end ({spec.end})")
-        if kind == "t2i-adapter" and spec.start != 0:
-            raise InvalidInput(f"{where}.start: a T2I-Adapter applies from the first step until end (diffusers' "
-                               f"adapter_conditioning_factor); allowed: 0")
-        if kind == "t2i-adapter" and image:
-            raise InvalidInput(f"{where}.model: {spec.model} is a T2I-Adapter, which is for text-to-image; "
-                               f"leave image out or use a ControlNet")
-        if kind == "ip-adapter":
-            for name, default in (("start", 0.0), ("end", 1.0), ("preprocessor", "none")):
-                if getattr(spec, name) != default:
-                    raise InvalidInput(f"{where}.{name}: an IP-Adapter's reference image applies at every step as "
-                                       f"it is (diffusers' ip_adapter_image); allowed: {default}")
-            if sum(c.model == spec.model for c in v.controls) > 1:
-                raise InvalidInput(f"{where}.model: IP-Adapter {spec.model} is given twice; give it once, with a "
-                                   f"list of reference images")
+        _kind_rules(spec, kind, where, image, v.controls)
         if isinstance(spec.image, list):
-            if kind != "ip-adapter" or not 1 <= len(spec.image) <= MAX_REFERENCES:
-                raise InvalidInput(f"{where}.image: a list is for an IP-Adapter's reference images (1 to "
-                                   f"{MAX_REFERENCES}); a {kind} takes one image")
             pictures = [_picture(item, f"{where}.image[{k}]", limits) for k, item in enumerate(spec.image)]
             out.append(Control(spec.model, kind, pictures, spec.scale, spec.start, spec.end))
             continue
@@ -145,3 +127,27 @@ def _picture(value: Any, label: str, limits: Limits):
         raise InvalidInput(f"{label}: {picture.size[0]}x{picture.size[1]} is smaller than the server minimum of "
                            f"{limits.min_side} pixels a side")
     return picture.convert("RGB")
+
+
+def _kind_rules(spec: ControlSpec, kind: str, where: str, image: bool, controls: tuple[ControlSpec, ...]) -> None:
+    """What a control of ``kind`` may be given, as diffusers' pipelines take it."""
+    if spec.start >= spec.end:
+        raise InvalidInput(f"{where}.start: {spec.start} must be below end ({spec.end})")
+    if isinstance(spec.image, list) and kind != "ip-adapter":
+        raise InvalidInput(f"{where}.image: a list is for an IP-Adapter's reference images; a {kind} takes one image")
+    if isinstance(spec.image, list) and not 1 <= len(spec.image) <= MAX_REFERENCES:
+        raise InvalidInput(f"{where}.image: give 1 to {MAX_REFERENCES} reference images, got {len(spec.image)}")
+    if kind == "t2i-adapter" and spec.start != 0:
+        raise InvalidInput(f"{where}.start: a T2I-Adapter applies from the first step until end (diffusers' "
+                           f"adapter_conditioning_factor); allowed: 0")
+    if kind == "t2i-adapter" and image:
+        raise InvalidInput(f"{where}.model: {spec.model} is a T2I-Adapter, which is for text-to-image; leave image "
+                           f"out or use a ControlNet")
+    if kind == "ip-adapter":
+        for name, default in (("start", 0.0), ("end", 1.0), ("preprocessor", "none")):
+            if getattr(spec, name) != default:
+                raise InvalidInput(f"{where}.{name}: an IP-Adapter's reference image applies at every step as it is "
+                                   f"(diffusers' ip_adapter_image); allowed: {default}")
+        if sum(c.model == spec.model for c in controls) > 1:
+            raise InvalidInput(f"{where}.model: IP-Adapter {spec.model} is given twice; give it once, with a list of "
+                               f"reference images")
