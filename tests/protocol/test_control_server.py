@@ -141,6 +141,10 @@ def test_an_automatic1111_controlnet_request_works_unchanged(server):
     ({"alwayson_scripts": {"controlnet": {"args": [{**A1111_UNIT, "control_mode": "ControlNet is more important"}]}}},
      "instances[0].alwayson_scripts.controlnet.args[0].control_mode: 'ControlNet is more important' is not supported"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, "instances[0].alwayson_scripts: only the controlnet script"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"enabled": False}, {**A1111_UNIT, "weight": 3}]}}},
+     "instances[0].alwayson_scripts.controlnet.args[1].weight: must be a finite number in [0.0, 2.0], got 3"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{**A1111_UNIT, "model": "canny_sd15 [fef5e48e]"}]}}},
+     "instances[0].alwayson_scripts.controlnet.args[0].model: no control model named 'canny_sd15'"),
 ])
 def test_bad_controls_are_a_400_and_the_server_keeps_serving(server, values, message):
     r = server.predict({"instances": [{"prompt": "a lighthouse", **values}]})

@@ -24,11 +24,35 @@ MODULES = {"none": "none", "canny": "canny"}  # the extension's module names sds
 _HASH = re.compile(r"\s*\[[0-9a-fA-F]+\]$")  # "control_v11p_sd15_canny [d14c016b]": the name is before it
 
 
-def from_a1111(values: Mapping[str, Any], where: str = "") -> Mapping[str, Any]:
+class Units:
+    """Where each control came from: rewrites an error about ``controls[i].field`` in the terms of
+    the unit it was made from (``alwayson_scripts.controlnet.args[j].weight``)."""
+
+    def __init__(self, where: str = "", indexes: list[int] | None = None):
+        self.where, self.indexes = where, indexes
+
+    def rename(self, message: str) -> str:
+        if self.indexes is None:
+            return message
+        names = {control: unit for unit, control in RENAMED.items()}
+        prefix = re.escape(f"{self.where}controls")
+
+        def unit(match: re.Match) -> str:
+            out = f"{self.where}{SCRIPTS}.controlnet.args"
+            if match.group(1) is not None:
+                out += f"[{self.indexes[int(match.group(1))]}]"
+            if match.group(2):
+                out += f".{names.get(match.group(2), match.group(2))}"
+            return out
+
+        return re.sub(prefix + r"(?:\[(\d+)\](?:\.(\w+))?)?(?!\w)", unit, message)
+
+
+def from_a1111(values: Mapping[str, Any], where: str = "") -> tuple[Mapping[str, Any], Units]:
     """``values`` with an ``alwayson_scripts.controlnet`` block turned into ``controls`` (other
-    scripts are refused: they would be silently ignored)."""
+    scripts are refused: they would be silently ignored), and what names the units in errors."""
     if SCRIPTS not in values:
-        return values
+        return values, Units()
     scripts = values[SCRIPTS]
     label = f"{where}{SCRIPTS}"
     if not isinstance(scripts, Mapping) or set(scripts) - {"controlnet"}:
@@ -42,10 +66,10 @@ def from_a1111(values: Mapping[str, Any], where: str = "") -> Mapping[str, Any]:
         raise InvalidInput(f"{label}.controlnet.args: must be a list of ControlNet units")
     controls = [_unit(unit, f"{label}.controlnet.args[{i}]") for i, unit in enumerate(units)]
     out = {k: v for k, v in values.items() if k != SCRIPTS}
-    kept = [c for c in controls if c is not None]
+    kept = [i for i, control in enumerate(controls) if control is not None]
     if kept:
-        out["controls"] = kept
-    return out
+        out["controls"] = [controls[i] for i in kept]
+    return out, Units(where, kept)
 
 
 def _unit(unit: Any, where: str) -> dict[str, Any] | None:

@@ -101,7 +101,13 @@ class RequestParser:
         """Validate ``values``; ``where`` prefixes field names in errors (e.g. ``instances[2].``)."""
         if not isinstance(values, Mapping):
             raise InvalidInput(f"{where or 'request'}: expected an object of generation parameters")
-        values = from_a1111(values, where)  # AUTOMATIC1111's ControlNet units as controls
+        values, units = from_a1111(values, where)  # AUTOMATIC1111's ControlNet units as controls
+        try:
+            return self._parse(values, where)
+        except InvalidInput as exc:  # errors in the units' terms, as the client sent them
+            raise InvalidInput(units.rename(exc.reason)) from None
+
+    def _parse(self, values: Mapping[str, Any], where: str) -> GenerationRequest:
         values = apply_recipes(values, self.adapters, where)  # adapter recipes fill fields left out
         v = Given(*validate(self.parameters, values, where, self.adapters), where)
         lim, model = self.limits, self.model
