@@ -1,8 +1,8 @@
 """ControlNets, T2I-Adapters and IP-Adapters in the step loop against the oracle:
 StableDiffusion[XL]ControlNet(Img2Img)Pipeline, StableDiffusion[XL]AdapterPipeline and the
 pipelines with ``load_ip_adapter`` give the same images for the same seeds, alone, with several
-ControlNets, with start/end, with img2img and with LoRA adapters, and while requests with other
-controls and none share every UNet call."""
+ControlNets, with start/end, with img2img, inpainting (StableDiffusion[XL]ControlNetInpaintPipeline)
+and LoRA adapters, and while requests with other controls and none share every UNet call."""
 
 import shutil
 
@@ -18,6 +18,7 @@ SIZE = {"width": 128, "height": 128}
 EDGES = b64_image(make_image(128, 128, seed=1))
 DEPTH = b64_image(make_image(160, 96, seed=2))  # resized to the output size, as the pipelines do
 START = b64_image(make_image(128, 128, seed=3))
+MASK = b64_image(make_mask(128, 128))
 
 
 def _with_controls(folder, family):
@@ -35,9 +36,11 @@ def engines(tmp_path_factory):
     root = tmp_path_factory.mktemp("control-models")
     sdxl = _with_controls(write_tiny_model(root / "sdxl", "sdxl", loras=("trex",)), "sdxl")
     sd = _with_controls(write_tiny_model(root / "sd", "sd"), "sd")
+    inpaint = _with_controls(write_tiny_model(root / "sd-inpaint", "sd-inpaint"), "sd")  # a 9-channel UNet
     made = {"sdxl": LocalEngine(sdxl, control_dir=sdxl / "controls",
                                 adapters=Adapters(sdxl / "loras", rescan_seconds=0)),
-            "sd": LocalEngine(sd, control_dir=sd / "controls")}
+            "sd": LocalEngine(sd, control_dir=sd / "controls"),
+            "sd-inpaint": LocalEngine(inpaint, control_dir=inpaint / "controls")}
     yield made
     for engine in made.values():
         engine.close()
@@ -64,6 +67,11 @@ CASES = [
     ("sdxl", [{"model": "style", "image": DEPTH}], {"loras": ["trex"], "guidance_scale": 1.0}),
     ("sd", [{"model": "style", "image": DEPTH, "scale": 0.7}], {"negative_prompt": "fog"}),
     ("sdxl", [{"model": "style", "image": [DEPTH, START, EDGES], "scale": 0.8}], {}),
+    ("sdxl", [{"model": "edges", "image": EDGES}], {"image": START, "mask": MASK}),
+    ("sdxl", [{"model": "depth", "image": DEPTH, "scale": 0.7, "start": 0.2}], {"image": START, "mask": MASK,
+                                                                               "strength": 0.7}),
+    ("sdxl", [{"model": "style", "image": DEPTH}], {"image": START, "mask": MASK, "strength": 0.8}),
+    ("sd-inpaint", [{"model": "edges", "image": EDGES, "scale": 1.2}], {"image": START, "mask": MASK}),
 ]
 
 
@@ -204,8 +212,6 @@ REFUSED = [
     ("sdxl", [{"model": "sketch", "image": EDGES, "start": 0.2}], {}, r"controls\[0\].start: a T2I-Adapter applies "
                                                                       r"from the first step"),
     ("sdxl", [{"model": "sketch", "image": EDGES}], {"image": START}, r"controls\[0\].model: sketch is a T2I-Adapter"),
-    ("sdxl", [{"model": "edges", "image": EDGES}], {"image": START, "mask": b64_image(make_mask())},
-     r"controls: inpainting \(a mask\) with controls is not supported"),
     ("sdxl", [{"model": "edges", "image": EDGES}], {"cache": "deep"}, r"controls: .*give cache: none"),
     ("sdxl", "not a list", {}, r"controls: must be a list of at most 4 controls"),
 ]

@@ -23,8 +23,11 @@ def _pipeline(model, request, controls):
     if not group:  # IP-Adapters alone: the model's own pipeline
         if request.image is None:
             return model.base, {}
-        return d.AutoPipelineForImage2Image.from_pipe(model.base), {"image": request.image,
-                                                                    "strength": request.strength}
+        inputs = {"image": request.image, "strength": request.strength}
+        if request.mask is not None:
+            pipe = model.base if model.capabilities.needs_mask else d.AutoPipelineForInpainting.from_pipe(model.base)
+            return pipe, {**inputs, "mask_image": request.mask}
+        return d.AutoPipelineForImage2Image.from_pipe(model.base), inputs
 
     def one(values):  # a single model takes single values, several take lists
         return values[0] if len(group) == 1 else values
@@ -48,9 +51,12 @@ def _pipeline(model, request, controls):
     if request.image is None:
         cls = d.StableDiffusionXLControlNetPipeline if sdxl else d.StableDiffusionControlNetPipeline
         return cls.from_pipe(model.base, controlnet=net), {**extra, "image": one([c.image for c in nets])}
+    extra.update(image=request.image, control_image=one([c.image for c in nets]), strength=request.strength)
+    if request.mask is not None:
+        cls = d.StableDiffusionXLControlNetInpaintPipeline if sdxl else d.StableDiffusionControlNetInpaintPipeline
+        return cls.from_pipe(model.base, controlnet=net), {**extra, "mask_image": request.mask}
     cls = d.StableDiffusionXLControlNetImg2ImgPipeline if sdxl else d.StableDiffusionControlNetImg2ImgPipeline
-    return cls.from_pipe(model.base, controlnet=net), {
-        **extra, "image": request.image, "control_image": one([c.image for c in nets]), "strength": request.strength}
+    return cls.from_pipe(model.base, controlnet=net), extra
 
 
 @torch.inference_mode()

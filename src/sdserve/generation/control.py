@@ -164,6 +164,8 @@ def _residuals(phase, row_images: list[ImageState], latents: torch.Tensor, t: to
             features[row] = summed
     down: list[torch.Tensor] | None = None
     mid: torch.Tensor | None = None
+    # An inpainting UNet's input also holds the mask and the masked image: a ControlNet reads the latents.
+    latents = latents[:, : phase.latent_channels]
     for name, members in by_model.items():
         index = torch.tensor([row for row, _ in members], device=latents.device)
         scales = [net.scale for _, net in members]

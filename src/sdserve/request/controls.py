@@ -83,7 +83,7 @@ def controls_type(limits: Limits) -> Any:
                             f'"image": "<base64>", "scale": 0-{CONTROL_SCALE:g}, "start": 0-1, "end": 0-1}}')]
 
 
-def resolve_controls(v: Any, catalog: ControlCatalog, model: Any, limits: Limits, *, image: bool, mask: bool,
+def resolve_controls(v: Any, catalog: ControlCatalog, model: Any, limits: Limits, *, image: bool,
                      cache: str) -> tuple[Control, ...]:
     """The request's controls, checked against the catalog, the model and the rest of the request."""
     if not v.controls:
@@ -92,9 +92,6 @@ def resolve_controls(v: Any, catalog: ControlCatalog, model: Any, limits: Limits
     if model.family not in CONTROL_FAMILIES or model.needs_image:
         raise InvalidInput(f"{label}: control models are for SD 1.x/2.x and SDXL text-to-image models; the "
                            f"loaded model is a {model.pipeline_class}")
-    if mask:
-        raise InvalidInput(f"{label}: inpainting (a mask) with controls is not supported; give image without mask "
-                           f"(image-to-image) or leave controls out")
     if cache != "none":
         raise InvalidInput(f"{label}: controls change every step's residuals, so cached features would be stale; "
                            f"give cache: none")

@@ -154,8 +154,7 @@ class RequestParser:
             )
         steps = self._steps(v, start)
         mask = mask_image(v, model, lim, start)
-        controls = resolve_controls(v, self.controls, model, lim, image=start is not None, mask=mask is not None,
-                                    cache=savings["cache"])
+        controls = resolve_controls(v, self.controls, model, lim, image=start is not None, cache=savings["cache"])
         refiner = self._refiner(v, inpaint=mask is not None, custom=v.has("timesteps"))
         strength = self._strength(v, start, mask, steps)
         high_noise_frac, refiner_strength = v.high_noise_frac, v.refiner_strength
