@@ -21,6 +21,7 @@ def server(tmp_path_factory, start_server):
     folder = write_tiny_model(tmp_path_factory.mktemp("playground-controls") / "sdxl", "sdxl")
     write_tiny_model(folder / "controls" / "edges", "sdxl-controlnet", seed=1)
     write_tiny_model(folder / "controls" / "sketch", "sdxl-t2i-adapter", seed=3)
+    write_tiny_model(folder / "controls" / "style", "sdxl-ip-adapter", seed=4)
     return start_server("--model_dir", str(folder))
 
 
@@ -30,7 +31,8 @@ def test_a_control_image_from_the_page_gives_the_v1_image(page, server, tmp_path
     page.goto(f"{server.url}/ui")
     page.wait_for_selector("#form[data-adapters=loaded]", state="attached")
     assert page.is_visible("#control-input")
-    assert page.locator("#control-model option").all_inner_texts() == ["edges (controlnet)", "sketch (t2i-adapter)"]
+    assert page.locator("#control-model option").all_inner_texts() == ["edges (controlnet)", "sketch (t2i-adapter)",
+                                                                           "style (ip-adapter)"]
     page.fill("#prompt", "a dancer")
     page.fill("#width", "128")
     page.fill("#height", "128")
@@ -53,6 +55,10 @@ def test_a_control_image_from_the_page_gives_the_v1_image(page, server, tmp_path
                                                                   "preprocessor": "canny", "scale": 0.8}]}]})
     expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(v1.json()["predictions"][0]["image"]["b64"]))))
     assert np.array_equal(shown, expected[..., :3])
+    page.fill("#control-end", "0.5")
+    page.select_option("#control-model", "style")  # an IP-Adapter: no preprocessor, no "until"
+    assert not page.is_visible("#control-preprocessor") and not page.is_visible("#control-end")
+    assert page.evaluate("() => requestBody(false).controls") == [{"model": "style", "scale": 0.8}]
     page.click("#remove-control")
     assert page.evaluate("() => requestBody(false).controls") is None and "@request.json" not in \
         page.locator("#curl").inner_text()
