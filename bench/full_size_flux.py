@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from full_size import _tame  # bench/ is on the path, as for bench/preview.py
 
 # FLUX.1's transformer/config.json, text encoders (CLIP ViT-L/14, T5 v1.1 XXL) and VAE (16 channels)
 TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -30,16 +31,6 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels
            norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
            use_post_quant_conv=False)
 SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15)
-
-
-def _tame(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
-                module.weight.normal_(0.0, 0.02)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-    return model
 
 
 def build(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, dev: bool = False):

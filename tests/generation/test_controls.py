@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from kserve.errors import InvalidInput
 
+from helpers.control_models import write_controls
 from helpers.images import b64_image, make_image, make_mask
 from helpers.oracle import TOLERANCE, LocalEngine, assert_matches, max_diff
 from sdserve.tiny import write_tiny_model
@@ -21,22 +22,14 @@ START = b64_image(make_image(128, 128, seed=3))
 MASK = b64_image(make_mask(128, 128))
 
 
-def _with_controls(folder, family):
-    write_tiny_model(folder / "controls" / "edges", f"{family}-controlnet", seed=1)
-    write_tiny_model(folder / "controls" / "depth", f"{family}-controlnet", seed=2)
-    write_tiny_model(folder / "controls" / "sketch", f"{family}-t2i-adapter", seed=3)
-    write_tiny_model(folder / "controls" / "style", f"{family}-ip-adapter", seed=4)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     from sdserve.adapters import Adapters
 
     root = tmp_path_factory.mktemp("control-models")
-    sdxl = _with_controls(write_tiny_model(root / "sdxl", "sdxl", loras=("trex",)), "sdxl")
-    sd = _with_controls(write_tiny_model(root / "sd", "sd"), "sd")
-    inpaint = _with_controls(write_tiny_model(root / "sd-inpaint", "sd-inpaint"), "sd")  # a 9-channel UNet
+    sdxl = write_controls(write_tiny_model(root / "sdxl", "sdxl", loras=("trex",)), "sdxl")
+    sd = write_controls(write_tiny_model(root / "sd", "sd"), "sd")
+    inpaint = write_controls(write_tiny_model(root / "sd-inpaint", "sd-inpaint"), "sd")  # a 9-channel UNet
     made = {"sdxl": LocalEngine(sdxl, control_dir=sdxl / "controls",
                                 adapters=Adapters(sdxl / "loras", rescan_seconds=0)),
             "sd": LocalEngine(sd, control_dir=sd / "controls"),
@@ -110,8 +103,7 @@ def test_requests_with_different_controls_and_none_share_every_unet_call(engines
 def test_controls_with_the_ensemble_refiner(tmp_path):
     """The base's steps take the ControlNet, whose start/end are fractions of the whole schedule
     (the pipeline's, before denoising_end cuts it); the refiner takes none."""
-    folder = write_tiny_model(tmp_path / "refiner", "sdxl-refiner")
-    write_tiny_model(folder / "controls" / "edges", "sdxl-controlnet", seed=1)
+    folder = write_controls(write_tiny_model(tmp_path / "refiner", "sdxl-refiner"), "sdxl", ("edges",))
     engine = LocalEngine(folder, control_dir=folder / "controls")
     try:
         request = {"prompt": "a fox", "seed": 3, "num_inference_steps": 10, **SIZE,

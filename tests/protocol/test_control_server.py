@@ -15,6 +15,7 @@ import numpy as np
 import openai
 import pytest
 
+from helpers.control_models import write_controls
 from helpers.images import b64_image, decode_png, encode, make_image
 from helpers.readme import example_inputs, readme_blocks, run_block
 from helpers.s3 import S3_CREDENTIALS, local_s3
@@ -28,9 +29,7 @@ CONTROL = {"model": "edges", "scale": 0.8, "end": 0.9}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, start_server):
     folder = write_tiny_model(tmp_path_factory.mktemp("controls") / "sdxl", "sdxl")
-    write_tiny_model(folder / "controls" / "edges", "sdxl-controlnet", seed=1)
-    write_tiny_model(folder / "controls" / "sketch", "sdxl-t2i-adapter", seed=3)
-    write_tiny_model(folder / "controls" / "style", "sdxl-ip-adapter", seed=4)
+    write_controls(folder, "sdxl", ("edges", "sketch", "style"))
     return start_server("--model_dir", str(folder), "--max_controls", "2")
 
 

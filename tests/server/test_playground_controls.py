@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from helpers.browser import CHROMIUM, NO_CHROMIUM
+from helpers.control_models import write_controls
 from helpers.images import b64_image, encode, make_image
 from sdserve.tiny import write_tiny_model
 
@@ -19,9 +20,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, start_server):
     folder = write_tiny_model(tmp_path_factory.mktemp("playground-controls") / "sdxl", "sdxl")
-    write_tiny_model(folder / "controls" / "edges", "sdxl-controlnet", seed=1)
-    write_tiny_model(folder / "controls" / "sketch", "sdxl-t2i-adapter", seed=3)
-    write_tiny_model(folder / "controls" / "style", "sdxl-ip-adapter", seed=4)
+    write_controls(folder, "sdxl", ("edges", "sketch", "style"))
     return start_server("--model_dir", str(folder))
 
 

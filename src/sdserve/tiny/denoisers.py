@@ -1,12 +1,13 @@
-"""The tiny UNets and VAE of the tiny SD and SDXL pipelines (and of their control models)."""
+"""The tiny UNets and VAEs of the tiny pipelines (and of the control models for the UNets)."""
 
 from __future__ import annotations
 
 
-def tiny_vae():
+def tiny_vae(latent_channels: int = 4, **options):
+    """A four-level VAE like the real ones (8x down-sampling, so sizes behave as they do for SDXL);
+    SD3 and FLUX.1 use 16 latent channels and their own ``options`` (scaling, shift, no quant convs)."""
     from diffusers import AutoencoderKL
 
-    # Four levels like the real VAE: 8x down-sampling, so sizes behave as they do for SDXL.
     return AutoencoderKL(
         block_out_channels=[8, 8, 16, 16],
         layers_per_block=1,
@@ -14,9 +15,10 @@ def tiny_vae():
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=256,
+        **options,
     )
 
 
